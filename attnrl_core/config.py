@@ -1,0 +1,213 @@
+"""The single source of parameters: `TrainConfig`, its presets, and its command-line form.
+
+Every SPEC.md parameter is a field with its default and a help string; the help strings make
+`python -m attnrl_core train --help`, notebooks' `parameters` cells mirror the field names, and a run
+directory's `config.json` is `TrainConfig.to_dict()`. Imports nothing else from attnrl_core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+EMBEDDED_MODEL = "embedded:smollm2-135m"
+EMBEDDED_DATASET = "embedded:gensim-enwiki"
+HUB_DATASETS = {"wikimedia/wikipedia": "20231101.en", "wikipedia": "20220301.en"}
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """All parameters of a run. Invalid values raise `ValueError` naming the field on construction."""
+
+    preset: str = _f("llama-3.2-3b", "preset the defaults came from: embedded | llama-3.2-3b")
+    # --- data -------------------------------------------------------------------------------
+    tokens_per_key: int = _f(20, "tokens in each key chunk")
+    tokens_per_value: int = _f(20, "tokens in each value chunk")
+    tokens_per_query: int = _f(20, "tokens the policy writes after ' Query:' at every step")
+    num_kv_pairs: int = _f(16, "non-overlapping key-value pairs cut from each article (pair 0 is the in-context example)")
+    subset_fraction: float = _f(0.25, "fraction of pairs put in a trajectory's pool; steps = ceil(fraction * num_kv_pairs)")
+    dataset_name: str = _f("wikimedia/wikipedia", "Hub dataset ('wikimedia/wikipedia' or SPEC's 'wikipedia') or 'embedded:gensim-enwiki'")
+    dataset_config: str = _f("20231101.en", "dataset configuration ('20231101.en'; '20220301.en' for 'wikipedia')")
+    dataset_split: str = _f("train", "dataset split to stream")
+    max_scan_articles: int = _f(10_000, "articles scanned without finding a long-enough one before giving up")
+    # --- model ------------------------------------------------------------------------------
+    model_name: str = _f("meta-llama/Llama-3.2-3B", "base model on the Hub or 'embedded:smollm2-135m'")
+    tokenizer_name: str = _f("", "tokenizer name; empty means the model's own")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N (auto: CUDA when available, else CPU)")
+    dtype: str = _f("auto", "auto | float32 | bfloat16 | float16 (auto: bfloat16 on CUDA, float32 on CPU)")
+    lora_r: int = _f(8, "LoRA rank")
+    lora_alpha: int = _f(16, "LoRA alpha")
+    lora_dropout: float = _f(0.05, "LoRA dropout (active in the update phase only)")
+    lora_target_modules: str = _f("q_proj,v_proj", "comma-separated module names the adapter wraps")
+    # --- policy and selection ---------------------------------------------------------------
+    temperature: float = _f(1.0, "similarity temperature: scores are multiplied by it (larger = sharper)")
+    query_temperature: float = _f(1.0, "sampling temperature of query tokens (policy and counterfactual)")
+    # --- RL ---------------------------------------------------------------------------------
+    learning_rate: float = _f(2e-4, "8-bit Adam learning rate")
+    max_grad_norm: float = _f(1.0, "gradient norm clip")
+    kl_beta: float = _f(0.1, "KL penalty coefficient beta")
+    warmup_trajectories: int = _f(15, "trajectories that only feed the reward statistics before any is selected")
+    filter_num_sd: float = _f(1.0, "a trajectory is selected when its reward > mean + filter_num_sd * SD")
+    generation_batch_size: int = _f(64, "trajectories rolled out together per episode")
+    training_batch_size: int = _f(16, "selected trajectories per update micro-batch")
+    gradient_accumulation_steps: int = _f(1, "micro-batches accumulated per optimizer step")
+    num_episodes: int = _f(2000, "episodes (rollout batch + update phase); no early stopping")
+    # --- run --------------------------------------------------------------------------------
+    checkpoint_every: int = _f(100, "episodes between checkpoints (one is always written at the end)")
+    log_every: int = _f(10, "episodes between console summaries")
+    seed: int = _f(0, "seed of every random number generator")
+    output_dir: str = _f("runs/default", "run directory (config, metrics, trajectories, checkpoints, figures)")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation ----------------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be {allowed}")
+
+        for f in fields(self):
+            value = getattr(self, f.name)
+            want = {"int": int, "float": (int, float), "str": str}[f.type]
+            if isinstance(value, bool) or not isinstance(value, want):
+                raise ValueError(f"{f.name}={value!r} is invalid: must be of type {f.type}")
+            if f.type == "float" and not math.isfinite(value):
+                raise ValueError(f"{f.name}={value!r} is invalid: must be a finite number")
+        for name in ("tokens_per_key", "tokens_per_value", "tokens_per_query", "generation_batch_size",
+                     "training_batch_size", "gradient_accumulation_steps", "num_episodes", "checkpoint_every",
+                     "log_every", "lora_r", "max_scan_articles"):
+            need(getattr(self, name) >= 1, name, "an integer >= 1")
+        need(self.num_kv_pairs >= 2, "num_kv_pairs", "an integer >= 2 (pair 0 is the in-context example)")
+        need(0.0 < self.subset_fraction <= 1.0, "subset_fraction", "in (0, 1]")
+        need(self.lora_alpha > 0, "lora_alpha", "> 0")
+        need(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "in [0, 1)")
+        need(bool(self.lora_target_modules.strip()), "lora_target_modules", "a non-empty comma-separated list")
+        need(self.temperature > 0, "temperature", "> 0")
+        need(self.query_temperature > 0, "query_temperature", "> 0")
+        need(self.learning_rate > 0, "learning_rate", "> 0")
+        need(self.max_grad_norm > 0, "max_grad_norm", "> 0")
+        need(self.kl_beta >= 0, "kl_beta", ">= 0")
+        need(self.warmup_trajectories >= 0, "warmup_trajectories", "an integer >= 0")
+        need(self.filter_num_sd >= 0, "filter_num_sd", ">= 0")
+        need(self.training_batch_size <= self.generation_batch_size, "training_batch_size",
+             f"<= generation_batch_size ({self.generation_batch_size}): at most that many trajectories are selected")
+        need(self.preset in PRESETS, "preset", f"one of {sorted(PRESETS)}")
+        need(self.device == "auto" or self.device == "cpu" or self.device.split(":")[0] == "cuda", "device",
+             "auto, cpu, cuda or cuda:N")
+        need(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "auto, float32, bfloat16 or float16")
+        need(self.dataset_name == EMBEDDED_DATASET or "/" in self.dataset_name or self.dataset_name in HUB_DATASETS,
+             "dataset_name", f"a Hub dataset id such as 'wikimedia/wikipedia', 'wikipedia' or {EMBEDDED_DATASET!r}")
+        need(bool(self.output_dir), "output_dir", "a directory path")
+
+    # -- derived quantities ------------------------------------------------------------------------
+    @property
+    def tokens_per_kv_pair(self) -> int:
+        return self.tokens_per_key + self.tokens_per_value
+
+    @property
+    def min_article_tokens(self) -> int:
+        return self.tokens_per_kv_pair * self.num_kv_pairs
+
+    @property
+    def pool_size(self) -> int:
+        """Pairs in a trajectory's pool (= its steps). Pair 0 is never in the pool, hence the cap."""
+        return min(math.ceil(self.subset_fraction * self.num_kv_pairs), self.num_kv_pairs - 1)
+
+    @property
+    def target_modules(self) -> list[str]:
+        return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+    # -- (de)serialisation ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_preset(cls, preset: str = "llama-3.2-3b", **overrides: Any) -> "TrainConfig":
+        if preset not in PRESETS:
+            raise ValueError(f"preset={preset!r} is unknown: must be one of {sorted(PRESETS)}")
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}: see `python -m attnrl_core train --help`")
+        return cls(**{**PRESETS[preset], "preset": preset, **overrides})
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
+        """Read a JSON or YAML file of field values (a run's `config.json` works as it is)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist: pass an existing JSON or YAML file")
+        try:
+            text = path.read_text()
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as e:  # noqa: BLE001 - any parse error is the same user mistake
+            raise ValueError(f"config file {str(path)!r} is malformed ({type(e).__name__}: {e}): fix its syntax") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a mapping of field names to values")
+        data = {**data, **overrides}
+        return cls.from_preset(data.pop("preset", "llama-3.2-3b"), **data)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # SPEC.md's full run: Llama-3.2-3B in bf16 on a GPU, Hub Wikipedia streamed.
+    "llama-3.2-3b": {},
+    # Runs anywhere, offline, on two CPU cores: the packaged SmolLM2-135M and Wikipedia sample.
+    # Sized so the README's main job takes a few minutes and the filter fires: two warm-up batches,
+    # then about one trajectory in six clears mean + 1 SD.
+    "embedded": {
+        "model_name": EMBEDDED_MODEL,
+        "dataset_name": EMBEDDED_DATASET,
+        "dataset_config": "",
+        "num_kv_pairs": 8,
+        "generation_batch_size": 8,
+        "training_batch_size": 4,
+        "num_episodes": 20,
+        "checkpoint_every": 10,
+        "log_every": 5,
+        "device": "cpu",
+        "output_dir": "runs/embedded",
+    },
+}
+
+
+# -- command line -------------------------------------------------------------------------------
+def _parse_value(f: dataclasses.Field, text: str) -> Any:
+    kind = {"int": int, "float": float, "str": str}[f.type]
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"--{f.name} {text!r} is invalid: must be of type {f.type}") from None
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One `--field value` flag per TrainConfig field, its help from the field's metadata."""
+    parser.add_argument("--config", help="JSON or YAML file of field values (flags override it)")
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        parser.add_argument(f"--{f.name}", default=None, metavar=f.type.upper(),
+                            help=f"{f.metadata['help']} (default: {getattr(defaults, f.name)!r}; presets may change it)")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    given = {f.name: _parse_value(f, getattr(args, f.name)) for f in fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    if getattr(args, "config", None):
+        return TrainConfig.from_file(args.config, **given)
+    return TrainConfig.from_preset(given.pop("preset", "llama-3.2-3b"), **given)

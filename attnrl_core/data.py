@@ -1,0 +1,206 @@
+"""Functional, iterator-based data loading: articles -> token tensors -> key/value pair batches.
+
+SPEC.md §4.2/§4.4 as settled by DESIGN.md §2.3-2.4. Each article is tokenised once
+(`add_special_tokens=False`, truncated to the tokens needed), cut by index arithmetic into
+`num_kv_pairs` contiguous, non-overlapping (key, value) chunks, and batched into fixed-shape tensors.
+No padding anywhere; text is kept only for logging. Both presets read through `datasets` streaming.
+Imports attnrl_core.config and attnrl_core.assets only.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from .config import EMBEDDED_DATASET, TrainConfig
+
+QUERY_SEPARATOR = " Query:"
+RESPONSE_SEPARATOR = " Response:"
+
+
+# -- separators -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Separators:
+    """Token ids of the prompt format, encoded once (DESIGN.md §2.4).
+
+    ` Query:` and ` Response:` carry their leading space and no trailing space token: the chunk or
+    query that follows brings its own leading space, as the tokenizer would produce in running text.
+    """
+
+    query: torch.Tensor  # [Sq]
+    response: torch.Tensor  # [Sr]
+    bos: torch.Tensor  # [0] or [1]
+
+
+def encode_separators(tokenizer) -> Separators:
+    def enc(text: str) -> torch.Tensor:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert ids and tokenizer.decode(ids) == text, f"{text!r} does not round-trip through the tokenizer"
+        return torch.tensor(ids, dtype=torch.long)
+
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    return Separators(enc(QUERY_SEPARATOR), enc(RESPONSE_SEPARATOR), torch.tensor(bos, dtype=torch.long))
+
+
+# -- articles ---------------------------------------------------------------------------------------
+@dataclass
+class DataPosition:
+    """Where the article stream is: pass number and articles consumed in it (for checkpoints)."""
+
+    epoch: int = 0
+    index: int = 0
+
+
+def load_article_stream(cfg: TrainConfig, epoch: int = 0):
+    """A `datasets` IterableDataset of articles (`id, url, title, text`), shuffled per pass when local."""
+    from datasets import load_dataset
+
+    if cfg.dataset_name == EMBEDDED_DATASET:
+        from .assets import embedded_dataset_file
+
+        ds = load_dataset("parquet", data_files={"train": str(embedded_dataset_file())}, split="train",
+                          streaming=True)
+        # The sample is small and is read many times: a fresh order every pass, reproducible by seed.
+        return ds.shuffle(seed=cfg.seed + epoch, buffer_size=1024)
+    return load_dataset(cfg.dataset_name, cfg.dataset_config or None, split=cfg.dataset_split, streaming=True)
+
+
+def iter_wikipedia_articles(cfg: TrainConfig, start: DataPosition | None = None,
+                            position: DataPosition | None = None) -> Iterator[dict]:
+    """Articles forever: pass after pass over the stream (the Hub's is long enough to be one pass).
+
+    `position`, when given, is updated in place so a checkpoint can record where the stream is;
+    `start` resumes from a recorded position.
+    """
+    position = position if position is not None else DataPosition()
+    start = start or DataPosition()
+    position.epoch, position.index = start.epoch, start.index
+    while True:
+        stream = load_article_stream(cfg, position.epoch)
+        if position.index:
+            stream = stream.skip(position.index)
+        seen = 0
+        for article in stream:
+            seen += 1
+            position.index += 1
+            yield article
+        if seen == 0 and position.index == 0:
+            raise ValueError(f"dataset {cfg.dataset_name!r} yielded no articles: check dataset_name/config/split")
+        position.epoch, position.index = position.epoch + 1, 0
+
+
+def tokenize_articles(articles: Iterable[dict], tokenizer, min_tokens: int, max_scan: int,
+                      batch_size: int = 32) -> Iterator[tuple[dict, torch.Tensor]]:
+    """(article, ids [min_tokens]) for articles with at least `min_tokens` tokens, tokenised once each.
+
+    Gives up with a clear error after `max_scan` consecutive articles that are too short, so a stream
+    that never yields a long-enough article ends instead of hanging.
+    """
+    rejected = 0
+    it = iter(articles)
+    while chunk := list(itertools.islice(it, batch_size)):
+        ids = tokenizer([a["text"] for a in chunk], add_special_tokens=False, truncation=True,
+                        max_length=min_tokens)["input_ids"]
+        for article, tokens in zip(chunk, ids):
+            if len(tokens) < min_tokens:
+                rejected += 1
+                if rejected >= max_scan:
+                    raise ValueError(
+                        f"none of {rejected} consecutive articles has the {min_tokens} tokens needed "
+                        f"(num_kv_pairs x (tokens_per_key + tokens_per_value)): lower num_kv_pairs or the token counts")
+                continue
+            rejected = 0
+            yield article, torch.tensor(tokens, dtype=torch.long)
+
+
+# -- key/value pairs --------------------------------------------------------------------------------
+def split_key_values(tokens: torch.Tensor, num_kv_pairs: int, tokens_per_key: int,
+                     tokens_per_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut [B, N*(Tk+Tv)] article tokens into keys [B, N, Tk] and values [B, N, Tv] (views, no copies).
+
+    Pair i is tokens[i*(Tk+Tv) : (i+1)*(Tk+Tv)]; its first Tk tokens are the key, the rest the value.
+    """
+    B = tokens.shape[0]
+    assert tokens.shape == (B, num_kv_pairs * (tokens_per_key + tokens_per_value)), tokens.shape
+    pairs = tokens.view(B, num_kv_pairs, tokens_per_key + tokens_per_value)
+    return pairs[..., :tokens_per_key], pairs[..., tokens_per_key:]
+
+
+def sample_chunks(batch_size: int, num_kv_pairs: int, pool_size: int,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pool [B, P]: for each trajectory a random subset of pairs 1..N-1 (pair 0 is the in-context example)."""
+    assert 1 <= pool_size <= num_kv_pairs - 1, (pool_size, num_kv_pairs)
+    order = torch.rand(batch_size, num_kv_pairs - 1, generator=generator).argsort(dim=1)
+    return order[:, :pool_size] + 1  # [B, P]
+
+
+@dataclass
+class KeyValueBatch:
+    """B articles cut into pairs; every tensor has fixed dimensions (SPEC.md §4.4 `KeyValuePair`, batched)."""
+
+    key_tokens: torch.Tensor  # [B, N, Tk]
+    value_tokens: torch.Tensor  # [B, N, Tv]
+    pool: torch.Tensor  # [B, P] pair indices in 1..N-1, distinct per row
+    article_ids: list[str]
+    titles: list[str]
+    key_embeddings: torch.Tensor | None = None  # [B, N, Hkv*D], added by `add_embeddings`
+    position: DataPosition = field(default_factory=DataPosition)  # stream position after this batch
+
+    def __post_init__(self) -> None:
+        B, N, _ = self.key_tokens.shape
+        assert self.value_tokens.shape[:2] == (B, N), (self.key_tokens.shape, self.value_tokens.shape)
+        assert self.pool.ndim == 2 and self.pool.shape[0] == B, self.pool.shape
+        assert len(self.article_ids) == len(self.titles) == B
+        if self.key_embeddings is not None:
+            assert self.key_embeddings.shape[:2] == (B, N), self.key_embeddings.shape
+
+    @property
+    def batch_size(self) -> int:
+        return self.key_tokens.shape[0]
+
+    def key_text(self, tokenizer) -> list[list[str]]:
+        return [tokenizer.batch_decode(k) for k in self.key_tokens]
+
+    def value_text(self, tokenizer) -> list[list[str]]:
+        return [tokenizer.batch_decode(v) for v in self.value_tokens]
+
+
+def iter_pair_batches(tokenized: Iterable[tuple[dict, torch.Tensor]], cfg: TrainConfig,
+                      position: DataPosition | None = None,
+                      generator: torch.Generator | None = None) -> Iterator[KeyValueBatch]:
+    """Group tokenised articles into `KeyValueBatch`es of `generation_batch_size` with sampled pools."""
+    it = iter(tokenized)
+    while chunk := list(itertools.islice(it, cfg.generation_batch_size)):
+        if len(chunk) < cfg.generation_batch_size:
+            return  # a finite stream's remainder would break the fixed batch shape
+        tokens = torch.stack([t for _, t in chunk])  # [B, N*(Tk+Tv)]
+        keys, values = split_key_values(tokens, cfg.num_kv_pairs, cfg.tokens_per_key, cfg.tokens_per_value)
+        pool = sample_chunks(len(chunk), cfg.num_kv_pairs, cfg.pool_size, generator)
+        yield KeyValueBatch(keys, values, pool, [str(a["id"]) for a, _ in chunk], [a["title"] for a, _ in chunk],
+                            position=DataPosition(position.epoch, position.index) if position else DataPosition())
+
+
+def add_embeddings(batches: Iterable[KeyValueBatch],
+                   embed_fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[KeyValueBatch]:
+    """Attach key embeddings, computed once per batch: `embed_fn` maps [M, Tk] token ids to [M, E]."""
+    for batch in batches:
+        B, N, Tk = batch.key_tokens.shape
+        emb = embed_fn(batch.key_tokens.reshape(B * N, Tk))  # [B*N, E]
+        assert emb.ndim == 2 and emb.shape[0] == B * N, emb.shape
+        batch.key_embeddings = emb.view(B, N, -1)
+        yield batch
+
+
+def iter_key_value_batches(cfg: TrainConfig, tokenizer, embed_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+                           start: DataPosition | None = None,
+                           generator: torch.Generator | None = None) -> Iterator[KeyValueBatch]:
+    """The whole pipeline of SPEC.md §4.4: articles -> filter -> pairs -> pools -> key embeddings."""
+    position = DataPosition()
+    articles = iter_wikipedia_articles(cfg, start=start, position=position)
+    # Tokenise one article at a time so `position` after a batch is exactly the articles it consumed.
+    tokenized = tokenize_articles(articles, tokenizer, cfg.min_article_tokens, cfg.max_scan_articles, batch_size=1)
+    batches = iter_pair_batches(tokenized, cfg, position, generator)
+    return add_embeddings(batches, embed_fn) if embed_fn is not None else batches

@@ -1,0 +1,113 @@
+"""Query/key embeddings from the last attention layer and the GQA-aware similarity over keys.
+
+DESIGN.md §2.1-2.2: an embedding is the mean over a chunk's own tokens (no surrounding context) of
+the last layer's `q_proj` (queries, adapter on) or `k_proj` (keys, adapter off) output, captured by a
+forward hook. Similarity: per query head h, scaled dot products with KV group h // (Hq/Hkv), softmax
+over the available keys per head, then the mean of the per-head distributions.
+Imports attnrl_core.model only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import base_model, head_geometry, last_attention
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook to skip the rest of the forward pass (layers after the hooked module)."""
+
+
+@contextlib.contextmanager
+def capture_output(module: nn.Module, stop: bool = False) -> Iterator[dict]:
+    """Record `module`'s output in the yielded dict under "output"; the hook is removed on exit, always.
+
+    With `stop=True` the forward pass is abandoned right after the module ran (wrap the call in
+    `run_until_captured`): the last layer's MLP and the LM head are never computed.
+    """
+    captured: dict = {}
+
+    def hook(_module, _inputs, output):
+        captured["output"] = output
+        if stop:
+            raise _StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def extract_embeddings(model: nn.Module, token_ids: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """Mean over positions of `module`'s output when `model` reads `token_ids` [B, T]: returns [B, out] float32."""
+    assert token_ids.ndim == 2 and token_ids.dtype == torch.long, (token_ids.shape, token_ids.dtype)
+    with capture_output(module, stop=True) as captured:
+        try:
+            model(input_ids=token_ids, use_cache=False)
+        except _StopForward:
+            pass
+    out = captured["output"]  # [B, T, out]
+    assert out.shape[:2] == token_ids.shape, (out.shape, token_ids.shape)
+    return out.float().mean(dim=1)
+
+
+def query_embeddings(model: nn.Module, query_tokens: torch.Tensor) -> torch.Tensor:
+    """[B, Tq] -> [B, Hq*D]: the policy's (adapter on) last-layer q_proj, averaged over the query."""
+    return extract_embeddings(model, query_tokens, last_attention(model).q_proj)
+
+
+def key_embeddings(model: nn.Module, key_tokens: torch.Tensor) -> torch.Tensor:
+    """[M, Tk] -> [M, Hkv*D]: the base model's (adapter off) last-layer k_proj, averaged over the key."""
+    with base_model(model), torch.no_grad():
+        return extract_embeddings(model, key_tokens, last_attention(model).k_proj)
+
+
+def key_embedding_fn(model: nn.Module, device: torch.device,
+                     chunk: int = 256) -> Callable[[torch.Tensor], torch.Tensor]:
+    """For `data.add_embeddings`: CPU token ids [M, Tk] in, key embeddings [M, Hkv*D] out (on `device`)."""
+
+    def embed(tokens: torch.Tensor) -> torch.Tensor:
+        return torch.cat([key_embeddings(model, part.to(device)) for part in tokens.split(chunk)])
+
+    return embed
+
+
+def head_probabilities(query_emb: torch.Tensor, key_emb: torch.Tensor, num_query_heads: int, num_kv_heads: int,
+                       temperature: float = 1.0, available: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-head distributions over keys, [B, Hq, K]: query head h scores keys with KV group h // (Hq/Hkv)."""
+    B, K, _ = key_emb.shape
+    assert num_query_heads % num_kv_heads == 0, (num_query_heads, num_kv_heads)
+    group = num_query_heads // num_kv_heads
+    head_dim = query_emb.shape[-1] // num_query_heads
+    assert query_emb.shape == (B, num_query_heads * head_dim), (query_emb.shape, B, num_query_heads)
+    assert key_emb.shape == (B, K, num_kv_heads * head_dim), (key_emb.shape, num_kv_heads, head_dim)
+    q = query_emb.float().view(B, num_kv_heads, group, head_dim)  # head h = kv*group + g
+    k = key_emb.float().view(B, K, num_kv_heads, head_dim)
+    scores = torch.einsum("bhgd,bkhd->bhgk", q, k) * (temperature / math.sqrt(head_dim))  # [B, Hkv, G, K]
+    if available is not None:
+        assert available.shape == (B, K) and available.dtype == torch.bool, available.shape
+        assert bool(available.any(dim=1).all()), "every row needs at least one available key"
+        scores = scores.masked_fill(~available[:, None, None, :], float("-inf"))
+    return F.softmax(scores, dim=-1).reshape(B, num_query_heads, K)
+
+
+def compute_similarity(query_emb: torch.Tensor, key_emb: torch.Tensor, num_query_heads: int, num_kv_heads: int,
+                       temperature: float = 1.0, available: torch.Tensor | None = None) -> torch.Tensor:
+    """Probabilities over keys [B, K]: the mean over query heads of per-head softmaxes (rows sum to 1;
+    unavailable keys get exactly 0). query_emb [B, Hq*D], key_emb [B, K, Hkv*D], available [B, K] bool."""
+    return head_probabilities(query_emb, key_emb, num_query_heads, num_kv_heads, temperature, available).mean(dim=1)
+
+
+def model_similarity(model: nn.Module, query_tokens: torch.Tensor, key_emb: torch.Tensor,
+                     temperature: float = 1.0, available: torch.Tensor | None = None) -> torch.Tensor:
+    """Convenience for notebooks: per-head probabilities [B, Hq, K] of query tokens against key embeddings."""
+    geo = head_geometry(model)
+    q = query_embeddings(model, query_tokens)
+    return head_probabilities(q, key_emb, geo.num_query_heads, geo.num_kv_heads, temperature, available)

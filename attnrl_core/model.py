@@ -1,0 +1,131 @@
+"""Base model + one LoRA adapter, head geometry, and the adapter on/off switch.
+
+The base model is the same weights with the adapter disabled (`base_model(model)`), never a second
+copy (TRL's reference-model trick). Imports attnrl_core.config and attnrl_core.assets only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import EMBEDDED_MODEL, TrainConfig
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg.device!r} but CUDA is not available: use --device cpu or --device auto")
+    return torch.device(cfg.device)
+
+
+def resolve_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def model_source(cfg: TrainConfig) -> str:
+    """Folder or Hub id to load from; the embedded model is converted to a cached folder on first use."""
+    if cfg.model_name == EMBEDDED_MODEL:
+        from .assets import embedded_model_dir
+
+        return str(embedded_model_dir())
+    return cfg.model_name
+
+
+def load_tokenizer(cfg: TrainConfig):
+    from transformers import AutoTokenizer
+
+    name = cfg.tokenizer_name or model_source(cfg)
+    if name == EMBEDDED_MODEL:
+        name = model_source(cfg)
+    return AutoTokenizer.from_pretrained(name)
+
+
+def load_base_model(cfg: TrainConfig, device: torch.device | None = None) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    device = device or resolve_device(cfg)
+    model = AutoModelForCausalLM.from_pretrained(model_source(cfg), dtype=resolve_dtype(cfg, device),
+                                                 attn_implementation="sdpa")
+    return model.to(device).eval()
+
+
+def attach_adapter(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Wrap `model` with one LoRA adapter; only the adapter's parameters require gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora)
+    for name, p in peft_model.named_parameters():
+        assert p.requires_grad == ("lora_" in name), name
+    return peft_model.eval()
+
+
+def load_policy(cfg: TrainConfig, device: torch.device | None = None):
+    """(policy model with adapter, tokenizer) for a config."""
+    tokenizer = load_tokenizer(cfg)
+    model = attach_adapter(load_base_model(cfg, device), cfg)
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def base_model(model: nn.Module):
+    """The pre-trained model: the adapter disabled for the duration (no-op for a model without one)."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# -- head geometry ----------------------------------------------------------------------------------
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.model.layers
+
+
+def last_attention(model: nn.Module) -> nn.Module:
+    """The last decoder layer's self-attention (its q_proj is LoRA-wrapped when the adapter targets it)."""
+    return decoder_layers(model)[-1].self_attn
+
+
+@dataclass(frozen=True)
+class HeadGeometry:
+    num_query_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        return self.num_query_heads // self.num_kv_heads
+
+
+def _out_features(module: nn.Module) -> int:
+    base = getattr(module, "base_layer", module)  # peft wraps targeted Linear layers
+    return base.out_features
+
+
+def head_geometry(model: nn.Module) -> HeadGeometry:
+    """Read from the last layer's q_proj/k_proj output sizes and the config, checked against each other."""
+    attn = last_attention(model)
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    q_out, k_out = _out_features(attn.q_proj), _out_features(attn.k_proj)
+    assert q_out % head_dim == 0 and k_out % head_dim == 0, (q_out, k_out, head_dim)
+    geo = HeadGeometry(q_out // head_dim, k_out // head_dim, head_dim)
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    assert (geo.num_query_heads, geo.num_kv_heads) == (config.num_attention_heads, kv_heads), (geo, config)
+    assert geo.num_query_heads % geo.num_kv_heads == 0, geo
+    return geo
+

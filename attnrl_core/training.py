@@ -1,0 +1,188 @@
+"""Filtering and the policy update: SPEC.md §3.1.4-5 as settled by DESIGN.md §2.6-2.8.
+
+  4. Trajectory filtering: Welford statistics over every trajectory reward seen so far; after the
+     warm-up, a trajectory is selected when its reward > mean + num_sd * SD of the statistics as they
+     were *before* its batch was added.
+  5. Policy update: snapshot the adapter (the previous policy), then per micro-batch of selected
+     trajectories
+        loss = -mean_traj[ R * sum_{steps, query tokens} log pi(token | state) ]
+               + beta * mean_traj[ sum_{steps, query tokens} KL(pi_prev(.|state) || pi(.|state)) ]
+     with one teacher-forced pass over each trajectory's final sequence (logits only at query
+     positions), 8-bit Adam on the adapter, gradient norm clipped.
+
+The maths (`RunningStats`, `select_trajectories`, `kl_penalty`, `reinforce_loss`) is pure; `update_policy`
+is the thin stateful shell. Imports attnrl_core.model and attnrl_core.rollout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import adapter_parameters
+from .rollout import Trajectory
+
+
+# -- 4. filtering -----------------------------------------------------------------------------------
+@dataclass
+class RunningStats:
+    """Mean and (population) standard deviation of every value seen, by Welford's algorithm."""
+
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.count) if self.count else 0.0
+
+    def update(self, values: torch.Tensor | list[float]) -> None:
+        for x in torch.as_tensor(values, dtype=torch.float64).flatten().tolist():
+            self.count += 1
+            delta = x - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (x - self.mean)
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+def selection_threshold(stats: RunningStats, warmup: int, num_sd: float = 1.0) -> float | None:
+    """mean + num_sd * SD, or None while fewer than `warmup` rewards (and fewer than 2) are in the statistics."""
+    if stats.count < max(warmup, 2):
+        return None
+    return stats.mean + num_sd * stats.std
+
+
+def select_trajectories(rewards: torch.Tensor, stats: RunningStats, warmup: int,
+                        num_sd: float = 1.0) -> torch.Tensor:
+    """BoolTensor [B]: reward > mean + num_sd * SD of `stats` (call before adding this batch to `stats`).
+
+    Nothing is selected until the statistics hold at least `warmup` rewards: the first batches only
+    establish the statistics. `stats` is not modified.
+    """
+    threshold = selection_threshold(stats, warmup, num_sd)
+    if threshold is None:
+        return torch.zeros(rewards.shape, dtype=torch.bool, device=rewards.device)
+    return rewards > threshold
+
+
+# -- 5. the loss --------------------------------------------------------------------------------------
+def kl_penalty(current_logits: torch.Tensor, previous_logits: torch.Tensor) -> torch.Tensor:
+    """KL(previous || current) summed over the vocabulary: [..., V] -> [...].
+
+    `F.kl_div(input, target, log_target=True)` computes sum target.exp() * (target - input), i.e.
+    KL(target || input), so the current policy is the input and the previous one the target.
+    """
+    return F.kl_div(F.log_softmax(current_logits.float(), dim=-1), F.log_softmax(previous_logits.float(), dim=-1),
+                    reduction="none", log_target=True).sum(dim=-1)
+
+
+@dataclass
+class LossTerms:
+    loss: torch.Tensor
+    policy_loss: torch.Tensor
+    kl: torch.Tensor
+
+
+def reinforce_loss(current_logits: torch.Tensor, previous_logits: torch.Tensor, tokens: torch.Tensor,
+                   rewards: torch.Tensor, beta: float, temperature: float = 1.0) -> LossTerms:
+    """The update's loss on n trajectories: logits [n, M, V] at the M query positions, tokens [n, M], rewards [n].
+
+    The policy is the distribution queries were sampled from, softmax(logits / temperature).
+    """
+    n, M, _ = current_logits.shape
+    assert previous_logits.shape == current_logits.shape and tokens.shape == (n, M) and rewards.shape == (n,)
+    current, previous = current_logits.float() / temperature, previous_logits.float() / temperature
+    logp = F.log_softmax(current, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)  # [n, M]
+    policy_loss = -(rewards * logp.sum(dim=1)).mean()
+    kl = kl_penalty(current, previous).sum(dim=1).mean()
+    return LossTerms(policy_loss + beta * kl, policy_loss, kl)
+
+
+def query_logits(model: nn.Module, tokens: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced logits [n, M, V] predicting the tokens at `query_positions` [M] of `tokens` [n, L]."""
+    return model(input_ids=tokens, use_cache=False, logits_to_keep=query_positions - 1).logits
+
+
+@contextlib.contextmanager
+def swapped_parameters(params: list[nn.Parameter], values: list[torch.Tensor]):
+    """Temporarily load `values` into `params` (the previous policy), restoring them on exit."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, saved):
+                p.copy_(v)
+
+
+@dataclass
+class UpdateResult:
+    loss: float
+    policy_loss: float
+    kl: float
+    grad_norm: float
+    optimizer_steps: int
+    skipped_steps: int  # steps whose loss or gradient was not finite (no update made)
+    trained_tokens: int
+    micro_batch_kl: list[float]  # KL term of each micro-batch in order (the first is 0: previous = current)
+
+
+def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory: Trajectory,
+                  selected: torch.Tensor, *, training_batch_size: int, gradient_accumulation_steps: int = 1,
+                  beta: float = 0.1, max_grad_norm: float = 1.0, temperature: float = 1.0) -> UpdateResult | None:
+    """One update phase over the selected trajectories; None when nothing was selected."""
+    index = selected.nonzero().squeeze(1).cpu()
+    if index.numel() == 0:
+        return None
+    params = adapter_parameters(model)
+    previous = [p.detach().clone() for p in params]  # the previous policy (SPEC.md §3.1.6)
+    # Rollout tensors are inference tensors; clone them into ordinary ones for autograd.
+    tokens_all, rewards_all = trajectory.tokens.clone(), trajectory.avg_reward.clone().float()
+    positions = trajectory.query_positions.to(tokens_all.device)
+    micro_batches = index.split(training_batch_size)
+    sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0}
+    micro_kl = []
+    norms, skipped, steps = [], 0, 0
+    optimizer.zero_grad(set_to_none=True)
+    for i, mb in enumerate(micro_batches):
+        mb = mb.to(tokens_all.device)
+        tokens, rewards = tokens_all[mb], rewards_all[mb]
+        with torch.no_grad(), swapped_parameters(params, previous):
+            model.eval()  # the previous policy without dropout
+            prev_logits = query_logits(model, tokens, positions)
+        model.train()
+        terms = reinforce_loss(query_logits(model, tokens, positions), prev_logits, tokens[:, positions], rewards,
+                               beta, temperature)
+        group_start = (i // gradient_accumulation_steps) * gradient_accumulation_steps
+        group_size = min(gradient_accumulation_steps, len(micro_batches) - group_start)
+        (terms.loss / group_size).backward()
+        for k in sums:
+            sums[k] += getattr(terms, k).item()
+        micro_kl.append(terms.kl.item())
+        if i + 1 == group_start + group_size:  # end of an accumulation group: one optimizer step
+            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+            if math.isfinite(norm) and math.isfinite(terms.loss.item()):
+                optimizer.step()
+                norms.append(norm)
+                steps += 1
+            else:
+                skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    n = len(micro_batches)
+    return UpdateResult(sums["loss"] / n, sums["policy_loss"] / n, sums["kl"] / n,
+                        sum(norms) / len(norms) if norms else float("nan"), steps, skipped,
+                        int(index.numel()) * tokens_all.shape[1] * 2, micro_kl)

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random-weight Llama models with grouped-query attention (6 query heads,
+2 KV heads) for speed, and the real embedded SmolLM2 tokenizer where tokenization is the point."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from attnrl_core.config import TrainConfig
+from attnrl_core.data import KeyValueBatch, Separators, add_embeddings, sample_chunks, split_key_values
+from attnrl_core.embeddings import key_embedding_fn
+from attnrl_core.model import attach_adapter
+
+VOCAB = 320
+
+
+def tiny_llama(vocab_size: int = VOCAB, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=96, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=16, bos_token_id=1,
+                         max_position_embeddings=1024)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    base = dict(num_kv_pairs=6, subset_fraction=0.5, generation_batch_size=4, training_batch_size=2,
+                lora_dropout=0.0, tokens_per_key=5, tokens_per_value=4, tokens_per_query=3)
+    return TrainConfig.from_preset("embedded", **{**base, **overrides})
+
+
+def randomize_adapter(model, scale: float = 0.3, seed: int = 1) -> None:
+    """LoRA B starts at zero (adapter = identity); give it weights so policy and base differ."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture
+def policy():
+    """Tiny GQA Llama with a LoRA adapter (dropout 0) whose weights are non-zero."""
+    model = attach_adapter(tiny_llama(), tiny_config())
+    randomize_adapter(model)
+    return model
+
+
+SEP = Separators(query=torch.tensor([5, 6]), response=torch.tensor([7, 8, 9]), bos=torch.tensor([1]))
+
+
+def make_batch(model, cfg: TrainConfig, seed: int = 0) -> KeyValueBatch:
+    g = torch.Generator().manual_seed(seed)
+    B, N = cfg.generation_batch_size, cfg.num_kv_pairs
+    tokens = torch.randint(10, VOCAB, (B, N * cfg.tokens_per_kv_pair), generator=g)
+    keys, values = split_key_values(tokens, N, cfg.tokens_per_key, cfg.tokens_per_value)
+    batch = KeyValueBatch(keys, values, sample_chunks(B, N, cfg.pool_size, g), [str(i) for i in range(B)],
+                          [f"article {i}" for i in range(B)])
+    return next(add_embeddings([batch], key_embedding_fn(model, torch.device("cpu"))))
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """The real SmolLM2 tokenizer (from the embedded model's cache; built on first use)."""
+    from attnrl_core.model import load_tokenizer
+
+    return load_tokenizer(TrainConfig.from_preset("embedded"))

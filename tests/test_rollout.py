@@ -1,0 +1,102 @@
+import torch
+import torch.nn.functional as F
+
+from attnrl_core.model import base_model, head_geometry
+from attnrl_core.rollout import calculate_reward, initial_context, rollout
+
+from .conftest import SEP, make_batch, tiny_config
+
+
+def _run(policy, greedy=False, seed=0, **cfg_overrides):
+    cfg = tiny_config(**cfg_overrides)
+    batch = make_batch(policy, cfg, seed)
+    torch.manual_seed(seed)
+    traj = rollout(policy, batch, SEP, head_geometry(policy), tokens_per_query=cfg.tokens_per_query, greedy=greedy)
+    return cfg, batch, traj
+
+
+def _value_logprobs(model, seq, Tv):
+    """Mean log-prob of the last Tv tokens of seq [B, L], re-encoding everything (no cache)."""
+    logits = model(input_ids=seq, use_cache=False).logits[:, -Tv - 1:-1]
+    return F.log_softmax(logits.float(), -1).gather(-1, seq[:, -Tv:, None]).squeeze(-1).mean(1)
+
+
+def test_shapes_and_lockstep_lengths(policy):
+    cfg, batch, traj = _run(policy)
+    B, P = cfg.generation_batch_size, cfg.pool_size
+    L0 = 1 + len(SEP.query) + cfg.tokens_per_key + len(SEP.response) + cfg.tokens_per_value
+    step_len = len(SEP.query) + cfg.tokens_per_query + len(SEP.response) + cfg.tokens_per_value
+    assert len(traj.steps) == P == 3  # ceil(0.5 * 6)
+    assert traj.tokens.shape == (B, L0 + P * step_len)
+    assert traj.rewards.shape == (B, P) and traj.avg_reward.shape == (B,)
+    for s in traj.steps:
+        assert s.query_tokens.shape == s.counterfactual_tokens.shape == (B, cfg.tokens_per_query)
+        assert s.probabilities.shape == (B, cfg.num_kv_pairs)
+        torch.testing.assert_close(s.probabilities.sum(1), torch.ones(B))
+
+
+def test_each_pool_pair_used_exactly_once(policy):
+    cfg, batch, traj = _run(policy, num_kv_pairs=8, subset_fraction=0.25)
+    chosen = torch.stack([s.selected for s in traj.steps], dim=1)  # [B, P]
+    assert chosen.shape[1] == 2  # ceil(0.25 * 8)
+    for b in range(cfg.generation_batch_size):
+        assert sorted(chosen[b].tolist()) == sorted(batch.pool[b].tolist())
+    for t, s in enumerate(traj.steps):  # probabilities only on pairs still in the pool
+        for b in range(cfg.generation_batch_size):
+            remaining = set(batch.pool[b].tolist()) - set(chosen[b, :t].tolist())
+            support = set(torch.nonzero(s.probabilities[b]).flatten().tolist())
+            assert support <= remaining
+            assert torch.isclose(s.selected_prob[b], s.probabilities[b, s.selected[b]])
+
+
+def test_context_is_concatenation_of_separators_and_chunks(policy):
+    cfg, batch, traj = _run(policy)
+    rows = torch.arange(cfg.generation_batch_size)
+    B = cfg.generation_batch_size
+    expected = [initial_context(batch, SEP, torch.device("cpu"))]
+    for s in traj.steps:
+        expected += [SEP.query.expand(B, -1), s.query_tokens, SEP.response.expand(B, -1),
+                     batch.value_tokens[rows, s.selected]]
+    assert torch.equal(traj.tokens, torch.cat(expected, dim=1))
+    assert torch.equal(traj.tokens[:, traj.query_positions], traj.query_tokens)
+
+
+def test_cached_logprobs_equal_re_encoding(policy):
+    cfg, batch, traj = _run(policy)
+    Tv, rows = cfg.tokens_per_value, torch.arange(cfg.generation_batch_size)
+    with torch.no_grad():
+        for t, s in enumerate(traj.steps):
+            end = traj.initial_length + (t + 1) * traj.step_length
+            torch.testing.assert_close(_value_logprobs(policy, traj.tokens[:, :end], Tv), s.policy_logprob,
+                                       rtol=1e-4, atol=1e-4)
+            # the counterfactual: the base model after its own query in the same context
+            ctx = traj.tokens[:, :end - traj.step_length]
+            cf_seq = torch.cat([ctx, SEP.query.expand(len(rows), -1), s.counterfactual_tokens,
+                                SEP.response.expand(len(rows), -1), batch.value_tokens[rows, s.selected]], dim=1)
+            with base_model(policy):
+                base = _value_logprobs(policy, cf_seq, Tv)
+            torch.testing.assert_close(base, s.base_logprob, rtol=1e-4, atol=1e-4)
+            adapter_on = _value_logprobs(policy, cf_seq, Tv)
+            assert not torch.allclose(adapter_on, s.base_logprob, atol=1e-3)  # so it really was adapter-off
+
+
+def test_greedy_queries_are_the_policys_argmax(policy):
+    """Queries come from the policy (adapter on) at their exact state in the final context."""
+    _, _, traj = _run(policy, greedy=True)
+    with torch.no_grad():
+        logits = policy(input_ids=traj.tokens, logits_to_keep=traj.query_positions - 1).logits
+    assert torch.equal(logits.argmax(-1), traj.query_tokens)
+
+
+def test_calculate_reward_hand_computed():
+    policy_lp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -0.5]])
+    base_lp = torch.tensor([[-2.0, -2.0, -2.0], [-1.0, -0.25, -0.25]])
+    torch.testing.assert_close(calculate_reward(policy_lp, base_lp), torch.tensor([0.0, 0.0]))
+    torch.testing.assert_close(calculate_reward(policy_lp[:, :1], base_lp[:, :1]), torch.tensor([1.0, 0.5]))
+
+
+def test_rewards_are_policy_minus_base(policy):
+    _, _, traj = _run(policy)
+    for s in traj.steps:
+        torch.testing.assert_close(s.reward, s.policy_logprob - s.base_logprob)
+    torch.testing.assert_close(traj.avg_reward, traj.rewards.mean(1))
