@@ -24,7 +24,7 @@ train: setup
 	$(PY) -m attnrl_core train --preset embedded --output_dir $(RUN)
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --nbmake notebooks
 
 clean-venv:
 	rm -rf $(VENV)

@@ -48,8 +48,37 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, format_report
+
+    report = evaluate(args.run_dir, args.checkpoint, args.num_articles, args.seed)
+    print(format_report(report))
+    print(f"written: {args.run_dir}/eval/{report['checkpoint']}.json and .png")
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import format_table, run_checks
+
+    rows = run_checks(args.output_dir)
+    print(format_table(rows))
+    return 1 if any(r[1] == "FAIL" for r in rows) else 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (and exit code 2) instead of the usage block, and
+    never expands a prefix (`--learning_rat` is a typo to refuse, not `--learning_rate`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m attnrl_core",
+    parser = _Parser(prog="python -m attnrl_core",
                                      description="attnrl: attention-guided RL for self-directed LM training")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     train = sub.add_parser("train", help="train the query policy (the main job)",
@@ -60,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_cmd_train)
     prepare = sub.add_parser("prepare", help="build the embedded model/data caches (offline)")
     prepare.set_defaults(func=_cmd_prepare)
+    ev = sub.add_parser("evaluate", help="compare a trained policy with baselines on held-out articles")
+    ev.add_argument("--run_dir", required=True, help="run directory to evaluate")
+    ev.add_argument("--checkpoint", type=int, default=None, help="episode of the checkpoint (default: latest valid)")
+    ev.add_argument("--num_articles", type=int, default=16, help="held-out articles to score")
+    ev.add_argument("--seed", type=int, default=0, help="seed shared by all methods")
+    ev.set_defaults(func=_cmd_evaluate)
+    doctor = sub.add_parser("doctor", help="check the environment and say what to fix")
+    doctor.add_argument("--output_dir", default="runs", help="where checkpoints will go (disk space check)")
+    doctor.set_defaults(func=_cmd_doctor)
     return parser
 
 
@@ -70,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}".splitlines()[0], file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -61,8 +61,9 @@ def save_checkpoint(run_dir: Path, episode: int, model, optimizer, state: dict, 
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"episode-{episode}"
+    for stale in root.glob(".tmp-episode-*"):  # left by a process killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-episode-{episode}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     plain_rng, tensor_rng = rng_state()
@@ -121,12 +122,17 @@ def latest_valid_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
-    """Restore adapter weights, optimizer state and RNG states; return the stored state dict."""
+def load_adapter(path: Path, model) -> None:
+    """Load a checkpoint's adapter weights into a model that has the same adapter attached."""
     from peft import set_peft_model_state_dict
 
+    set_peft_model_state_dict(model, load_file(Path(path) / "adapter_model.safetensors"))
+
+
+def load_checkpoint(path: Path, model, optimizer) -> dict:
+    """Restore adapter weights, optimizer state and RNG states; return the stored state dict."""
     path = Path(path)
-    set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+    load_adapter(path, model)
     device = next(model.parameters()).device
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
     state = json.loads((path / "state.json").read_text())

@@ -38,6 +38,7 @@ class TrainConfig:
     dataset_name: str = _f("wikimedia/wikipedia", "Hub dataset ('wikimedia/wikipedia' or SPEC's 'wikipedia') or 'embedded:gensim-enwiki'")
     dataset_config: str = _f("20231101.en", "dataset configuration ('20231101.en'; '20220301.en' for 'wikipedia')")
     dataset_split: str = _f("train", "dataset split to stream")
+    eval_fraction: float = _f(0.1, "fraction of articles (by a hash of their id) held out of training for `evaluate`")
     max_scan_articles: int = _f(10_000, "articles scanned without finding a long-enough one before giving up")
     # --- model ------------------------------------------------------------------------------
     model_name: str = _f("meta-llama/Llama-3.2-3B", "base model on the Hub or 'embedded:smollm2-135m'")
@@ -63,6 +64,10 @@ class TrainConfig:
     num_episodes: int = _f(2000, "episodes (rollout batch + update phase); no early stopping")
     # --- run --------------------------------------------------------------------------------
     checkpoint_every: int = _f(100, "episodes between checkpoints (one is always written at the end)")
+    eval_every: int = _f(0, "episodes between held-out evaluations logged as eval_* metrics (0: never)")
+    eval_articles: int = _f(8, "held-out articles scored by --eval_every")
+    keep_checkpoints: int = _f(0, "keep only the newest K checkpoints (0 keeps all)")
+    max_nonfinite: int = _f(5, "stop after this many consecutive episodes with a non-finite reward, loss or gradient")
     log_every: int = _f(10, "episodes between console summaries")
     seed: int = _f(0, "seed of every random number generator")
     output_dir: str = _f("runs/default", "run directory (config, metrics, trajectories, checkpoints, figures)")
@@ -97,6 +102,11 @@ class TrainConfig:
         need(self.learning_rate > 0, "learning_rate", "> 0")
         need(self.max_grad_norm > 0, "max_grad_norm", "> 0")
         need(self.kl_beta >= 0, "kl_beta", ">= 0")
+        need(0.0 <= self.eval_fraction < 1.0, "eval_fraction", "in [0, 1)")
+        need(self.eval_every >= 0, "eval_every", "an integer >= 0 (0: never)")
+        need(self.eval_articles >= 1, "eval_articles", "an integer >= 1")
+        need(self.keep_checkpoints >= 0, "keep_checkpoints", "an integer >= 0 (0 keeps all)")
+        need(self.max_nonfinite >= 1, "max_nonfinite", "an integer >= 1")
         need(self.warmup_trajectories >= 0, "warmup_trajectories", "an integer >= 0")
         need(self.filter_num_sd >= 0, "filter_num_sd", ">= 0")
         need(self.training_batch_size <= self.generation_batch_size, "training_batch_size",

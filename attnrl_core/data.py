@@ -9,6 +9,7 @@ Imports attnrl_core.config and attnrl_core.assets only.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -65,16 +66,34 @@ def load_article_stream(cfg: TrainConfig, epoch: int = 0):
                           streaming=True)
         # The sample is small and is read many times: a fresh order every pass, reproducible by seed.
         return ds.shuffle(seed=cfg.seed + epoch, buffer_size=1024)
-    return load_dataset(cfg.dataset_name, cfg.dataset_config or None, split=cfg.dataset_split, streaming=True)
+    try:
+        return load_dataset(cfg.dataset_name, cfg.dataset_config or None, split=cfg.dataset_split, streaming=True)
+    except Exception as e:  # noqa: BLE001 - not found, offline, gated, bad config: one message, with the fix
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"dataset {cfg.dataset_name!r} ({cfg.dataset_config or 'no config'}, split "
+                         f"{cfg.dataset_split!r}) cannot be loaded ({type(e).__name__}: {first}): check the name, "
+                         "log in with `hf auth login`, set HF_HUB_OFFLINE=1 with it cached, or use --preset embedded") from None
+
+
+def is_heldout(article_id, fraction: float) -> bool:
+    """The deterministic evaluation split: a hash of the article id, the same on every machine and run."""
+    digest = hashlib.sha256(str(article_id).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
 def iter_wikipedia_articles(cfg: TrainConfig, start: DataPosition | None = None,
-                            position: DataPosition | None = None) -> Iterator[dict]:
-    """Articles forever: pass after pass over the stream (the Hub's is long enough to be one pass).
+                            position: DataPosition | None = None, split: str = "train",
+                            passes: int | None = None) -> Iterator[dict]:
+    """Articles of one split ("train", "eval" or "all"), pass after pass over the stream (the Hub's is
+    long enough to be one pass); `passes` limits the number of passes.
 
     `position`, when given, is updated in place so a checkpoint can record where the stream is;
-    `start` resumes from a recorded position.
+    `start` resumes from a recorded position. Positions count every article of the stream, whatever
+    its split, so they stay valid for `skip`.
     """
+    assert split in ("train", "eval", "all"), split
+    keep = (lambda a: True) if split == "all" else (
+        lambda a: is_heldout(a["id"], cfg.eval_fraction) == (split == "eval"))
     position = position if position is not None else DataPosition()
     start = start or DataPosition()
     position.epoch, position.index = start.epoch, start.index
@@ -84,12 +103,16 @@ def iter_wikipedia_articles(cfg: TrainConfig, start: DataPosition | None = None,
             stream = stream.skip(position.index)
         seen = 0
         for article in stream:
-            seen += 1
             position.index += 1
-            yield article
+            if keep(article):
+                seen += 1
+                yield article
         if seen == 0 and position.index == 0:
-            raise ValueError(f"dataset {cfg.dataset_name!r} yielded no articles: check dataset_name/config/split")
+            raise ValueError(f"dataset {cfg.dataset_name!r} yielded no {split} articles: check dataset_name/config/"
+                             "split and eval_fraction")
         position.epoch, position.index = position.epoch + 1, 0
+        if passes is not None and position.epoch - start.epoch >= passes:
+            return
 
 
 def tokenize_articles(articles: Iterable[dict], tokenizer, min_tokens: int, max_scan: int,
@@ -161,6 +184,12 @@ class KeyValueBatch:
     def batch_size(self) -> int:
         return self.key_tokens.shape[0]
 
+    def rows(self, start: int, stop: int) -> "KeyValueBatch":
+        """Trajectories start..stop-1 as a batch of their own (views; for splitting a batch that does not fit)."""
+        emb = None if self.key_embeddings is None else self.key_embeddings[start:stop]
+        return KeyValueBatch(self.key_tokens[start:stop], self.value_tokens[start:stop], self.pool[start:stop],
+                             self.article_ids[start:stop], self.titles[start:stop], emb, self.position)
+
     def key_text(self, tokenizer) -> list[list[str]]:
         return [tokenizer.batch_decode(k) for k in self.key_tokens]
 
@@ -195,12 +224,26 @@ def add_embeddings(batches: Iterable[KeyValueBatch],
 
 
 def iter_key_value_batches(cfg: TrainConfig, tokenizer, embed_fn: Callable[[torch.Tensor], torch.Tensor] | None,
-                           start: DataPosition | None = None,
-                           generator: torch.Generator | None = None) -> Iterator[KeyValueBatch]:
+                           start: DataPosition | None = None, generator: torch.Generator | None = None,
+                           split: str = "train", passes: int | None = None) -> Iterator[KeyValueBatch]:
     """The whole pipeline of SPEC.md §4.4: articles -> filter -> pairs -> pools -> key embeddings."""
     position = DataPosition()
-    articles = iter_wikipedia_articles(cfg, start=start, position=position)
+    articles = iter_wikipedia_articles(cfg, start=start, position=position, split=split, passes=passes)
     # Tokenise one article at a time so `position` after a batch is exactly the articles it consumed.
     tokenized = tokenize_articles(articles, tokenizer, cfg.min_article_tokens, cfg.max_scan_articles, batch_size=1)
     batches = iter_pair_batches(tokenized, cfg, position, generator)
     return add_embeddings(batches, embed_fn) if embed_fn is not None else batches
+
+
+def article_token_lengths(articles: Iterable[dict], tokenizer) -> list[int]:
+    """Full token count of each article (no truncation): for exploring the minimum-token filter."""
+    return [len(ids) for ids in tokenizer([a["text"] for a in articles], add_special_tokens=False)["input_ids"]]
+
+
+def pair_table(batch: KeyValueBatch, tokenizer, row: int = 0) -> list[dict]:
+    """One article's pairs as rows (index, in pool, key/value text and ids) for display."""
+    pool = set(batch.pool[row].tolist())
+    return [{"pair": i, "role": "example" if i == 0 else ("pool" if i in pool else "-"),
+             "key": tokenizer.decode(batch.key_tokens[row, i]), "value": tokenizer.decode(batch.value_tokens[row, i]),
+             "key_ids": batch.key_tokens[row, i].tolist(), "value_ids": batch.value_tokens[row, i].tolist()}
+            for i in range(batch.key_tokens.shape[1])]

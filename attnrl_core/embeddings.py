@@ -105,6 +105,7 @@ def compute_similarity(query_emb: torch.Tensor, key_emb: torch.Tensor, num_query
     return head_probabilities(query_emb, key_emb, num_query_heads, num_kv_heads, temperature, available).mean(dim=1)
 
 
+@torch.no_grad()
 def model_similarity(model: nn.Module, query_tokens: torch.Tensor, key_emb: torch.Tensor,
                      temperature: float = 1.0, available: torch.Tensor | None = None) -> torch.Tensor:
     """Convenience for notebooks: per-head probabilities [B, Hq, K] of query tokens against key embeddings."""

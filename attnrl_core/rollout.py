@@ -48,6 +48,10 @@ class TrajectoryStep:
         return self.policy_logprob - self.base_logprob
 
 
+def _cat_steps(steps: list[TrajectoryStep]) -> TrajectoryStep:
+    return TrajectoryStep(*(torch.cat([getattr(s, f) for s in steps]) for f in TrajectoryStep.__dataclass_fields__))
+
+
 @dataclass
 class Trajectory:
     """B trajectories rolled out together (SPEC.md §4.4 `Trajectory`, batched)."""
@@ -59,6 +63,14 @@ class Trajectory:
     query_offset: int  # Sq: where a step's query starts within the step
     batch: KeyValueBatch
     forward_tokens: int  # tokens read by the model during the rollout (for throughput)
+
+    @classmethod
+    def concat(cls, parts: list["Trajectory"], batch: KeyValueBatch) -> "Trajectory":
+        """Join trajectories rolled out in row chunks of `batch` (all chunks have the same lengths)."""
+        first = parts[0]
+        steps = [_cat_steps([p.steps[t] for p in parts]) for t in range(len(first.steps))]
+        return cls(steps, torch.cat([p.tokens for p in parts]), first.initial_length, first.step_length,
+                   first.query_offset, batch, sum(p.forward_tokens for p in parts))
 
     @property
     def rewards(self) -> torch.Tensor:  # [B, P]
@@ -129,11 +141,33 @@ def initial_context(batch: KeyValueBatch, sep: Separators, device: torch.device)
     return torch.cat([p.expand(B, -1) if p.ndim == 1 else p for p in parts], dim=1).to(device)
 
 
+SELECTORS = ("attention", "random", "natural")
+
+
+def choose_pairs(probs: torch.Tensor, available: torch.Tensor, selector: str, greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(choice [B], the distribution it was drawn from [B, N]) for a selection rule.
+
+    attention: the query's similarity distribution (the method); random: uniform over the pairs left
+    (a baseline); natural: the earliest pair left, i.e. article order (a reference).
+    """
+    if selector == "random":
+        probs = available.float() / available.sum(dim=1, keepdim=True)
+    elif selector == "natural":
+        N = available.shape[1]
+        first = (available * torch.arange(N, 0, -1, device=available.device)).argmax(dim=1)
+        probs = F.one_hot(first, N).float()
+    else:
+        assert selector == "attention", selector
+    choice = probs.argmax(dim=1) if greedy or selector == "natural" else torch.multinomial(probs, 1).squeeze(1)
+    return choice, probs
+
+
 @torch.inference_mode()
 def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGeometry, *,
             tokens_per_query: int, temperature: float = 1.0, query_temperature: float = 1.0,
-            greedy: bool = False) -> Trajectory:
-    """Generate B trajectories in lock-step; see the module docstring for the steps."""
+            greedy: bool = False, selector: str = "attention") -> Trajectory:
+    """Generate B trajectories in lock-step; see the module docstring for the steps. `selector` swaps
+    the attention selection for a baseline (`choose_pairs`); everything else stays the same."""
     assert batch.key_embeddings is not None, "run the batch through data.add_embeddings first"
     was_training = model.training
     model.eval()
@@ -161,7 +195,7 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
         probs = compute_similarity(query_embeddings(model, query), batch.key_embeddings,
                                    geo.num_query_heads, geo.num_kv_heads, temperature, available)  # [B, N]
         # 3. draw a pair without replacement
-        choice = probs.argmax(dim=1) if greedy else torch.multinomial(probs, 1).squeeze(1)  # [B]
+        choice, probs = choose_pairs(probs, available, selector, greedy)  # [B], [B, N]
         available[rows, choice] = False
         value = values[rows, choice]  # [B, Tv]
         # 4. the policy scores the value; the same pass extends its context
@@ -185,3 +219,15 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
     assert policy_cache.get_seq_length() == base_cache.get_seq_length() == tokens.shape[1]
     model.train(was_training)
     return Trajectory(steps, tokens, L0, step_length, q_sep.shape[1], batch, forward_tokens)
+
+
+@torch.inference_mode()
+def generate_query(model: nn.Module, batch: KeyValueBatch, sep: Separators, tokens_per_query: int,
+                   query_temperature: float = 1.0, greedy: bool = False) -> torch.Tensor:
+    """[B, Tq]: the model's first query for each article, after its in-context example (for inspection)."""
+    device = next(model.parameters()).device
+    context = initial_context(batch, sep, device)
+    cache = DynamicCache(config=model.config)
+    _forward(model, context, cache, 1)
+    prompt = sep.query.to(device).expand(batch.batch_size, -1)
+    return sample_tokens(model, cache, prompt, tokens_per_query, query_temperature, greedy)

