@@ -132,6 +132,17 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln] if path.exists() else []
 
 
+def project_path(*parts: str) -> Path:
+    """A path in this checkout (runs/, figures/) whatever the working directory — notebooks run from
+    notebooks/ under nbmake and from anywhere under papermill. Falls back to the working directory."""
+    root = Path(__file__).resolve().parents[1]
+    return (root if (root / "pyproject.toml").is_file() else Path.cwd()).joinpath(*parts)
+
+
+def default_run_dir(preset: str) -> Path:
+    return project_path("runs", f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
 def load_run(run_dir: str | Path) -> tuple[TrainConfig, list[dict], list[dict]]:
     """(config, metrics, trajectories) of a run directory, for notebooks and analysis."""
     run_dir = Path(run_dir)
