@@ -57,6 +57,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import main_bench
+
+    return main_bench(args.preset, args.json, args.skip_naive)
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import format_table, run_checks
 
@@ -95,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num_articles", type=int, default=16, help="held-out articles to score")
     ev.add_argument("--seed", type=int, default=0, help="seed shared by all methods")
     ev.set_defaults(func=_cmd_evaluate)
+    bench = sub.add_parser("bench", help="measure rollout/update throughput against a naive path and the hardware")
+    bench.add_argument("--preset", choices=["embedded", "llama-3.2-3b-shape"], default="embedded",
+                       help="embedded: SmolLM2-135M on CPU; llama-3.2-3b-shape: random 3B weights (for a GPU)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    bench.add_argument("--skip_naive", action="store_true", help="skip the (slow) naive reference path")
+    bench.set_defaults(func=_cmd_bench)
     doctor = sub.add_parser("doctor", help="check the environment and say what to fix")
     doctor.add_argument("--output_dir", default="runs", help="where checkpoints will go (disk space check)")
     doctor.set_defaults(func=_cmd_doctor)

@@ -1,0 +1,263 @@
+"""`python -m attnrl_core bench`: rollout and update throughput, against a naive path and the hardware.
+
+The same batch (articles, pools, seed, greedy decoding) is rolled out two ways in one process:
+
+  cached  `rollout.rollout`: two KV caches extended step by step, logits only where needed.
+  naive   SPEC.md read plainly: every step re-encodes the whole context with `generate` (policy, then
+          the base model for the counterfactual), scores the value with separate full forward passes,
+          and loops over heads for the similarity.
+
+Both must choose the same pairs and give the same rewards (to float tolerance). Useful model FLOPs
+use the standard dense-transformer estimate, attention excluded:
+  rollout: 2 * params per token the cached path reads (its minimal work; the naive path is charged
+           the same useful work, so its extra re-encoding shows up as lower throughput)
+  update:  6 * params per trained token = 2 (previous-policy forward) + 2 (forward) + 2 (backward to
+           the activations; the frozen base needs no weight gradients)
+and are compared with the machine's own measured matmul rate (fp32 on CPU, bf16 on GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig
+
+from .config import TrainConfig
+from .data import KeyValueBatch, Separators, encode_separators, iter_key_value_batches
+from .embeddings import key_embedding_fn, query_embeddings
+from .model import HeadGeometry, attach_adapter, base_model, head_geometry, load_policy, resolve_device
+from .rollout import initial_context, rollout
+from .run import make_optimizer
+from .training import update_policy
+
+
+# -- the naive reference path ------------------------------------------------------------------------
+def _naive_generate(model, context: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    config = GenerationConfig(max_new_tokens=num_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
+                              bos_token_id=None)
+    return model.generate(context, attention_mask=torch.ones_like(context), generation_config=config)[:, -num_tokens:]
+
+
+def _naive_value_logprob(model, sequence: torch.Tensor, num_value_tokens: int) -> torch.Tensor:
+    logits = model(input_ids=sequence, use_cache=False).logits[:, -num_value_tokens - 1:-1].float()
+    return F.log_softmax(logits, -1).gather(-1, sequence[:, -num_value_tokens:, None]).squeeze(-1).mean(1)
+
+
+def _naive_similarity(q: torch.Tensor, k: torch.Tensor, geo: HeadGeometry, temperature: float,
+                      available: torch.Tensor) -> torch.Tensor:
+    B, K, _ = k.shape
+    D, G = geo.head_dim, geo.group_size
+    probs = torch.zeros(B, K, device=q.device)
+    for h in range(geo.num_query_heads):
+        g = h // G
+        scores = torch.bmm(q[:, None, h * D:(h + 1) * D].float(), k[:, :, g * D:(g + 1) * D].float().transpose(1, 2))
+        scores = (scores.squeeze(1) / math.sqrt(D) * temperature).masked_fill(~available, float("-inf"))
+        probs += F.softmax(scores, dim=-1) / geo.num_query_heads
+    return probs
+
+
+@torch.inference_mode()
+def naive_rollout(model, batch: KeyValueBatch, sep: Separators, geo: HeadGeometry, tokens_per_query: int,
+                  temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy rollout without caches across steps: (chosen pairs [B, P], rewards [B, P])."""
+    model.eval()
+    device = batch.key_embeddings.device
+    B, N, _ = batch.key_tokens.shape
+    rows = torch.arange(B, device=device)
+    values = batch.value_tokens.to(device)
+    q_sep, r_sep = sep.query.to(device).expand(B, -1), sep.response.to(device).expand(B, -1)
+    available = torch.zeros(B, N, dtype=torch.bool, device=device)
+    available[rows[:, None], batch.pool.to(device)] = True
+    context = initial_context(batch, sep, device)
+    chosen, rewards = [], []
+    for _ in range(batch.pool.shape[1]):
+        prompt = torch.cat([context, q_sep], dim=1)
+        query = _naive_generate(model, prompt, tokens_per_query)
+        probs = _naive_similarity(query_embeddings(model, query), batch.key_embeddings, geo, temperature, available)
+        choice = probs.argmax(dim=1)
+        available[rows, choice] = False
+        value = values[rows, choice]
+        step = torch.cat([prompt, query, r_sep, value], dim=1)
+        policy_lp = _naive_value_logprob(model, step, value.shape[1])
+        with base_model(model):
+            cf = _naive_generate(model, prompt, tokens_per_query)
+            base_lp = _naive_value_logprob(model, torch.cat([prompt, cf, r_sep, value], dim=1), value.shape[1])
+        chosen.append(choice)
+        rewards.append(policy_lp - base_lp)
+        context = step
+    return torch.stack(chosen, 1), torch.stack(rewards, 1)
+
+
+# -- hardware limits -------------------------------------------------------------------------------------
+def matmul_flops_per_second(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
+    """The machine's own dense matmul rate: fp32 on CPU, bf16 on GPU."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        size = 8192
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - t)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: "5" resets the peak resident set size (VmHWM) of this process
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def _peak(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+# -- the benchmark ---------------------------------------------------------------------------------------------
+PRESETS = {
+    "embedded": {"preset": "embedded", "generation_batch_size": 8, "training_batch_size": 8},
+    "llama-3.2-3b-shape": {"preset": "llama-3.2-3b", "generation_batch_size": 64, "training_batch_size": 16},
+}
+
+
+def _llama_3b_shape(cfg: TrainConfig, device: torch.device):
+    """Random weights in Llama-3.2-3B's shape (no download): speed and memory are honest, text is not."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .model import load_tokenizer, resolve_dtype
+
+    config = LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                         rope_theta=500000.0, max_position_embeddings=131072, bos_token_id=128000)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(resolve_dtype(cfg, device)).eval()
+    tokenizer = load_tokenizer(TrainConfig.from_preset("embedded"))  # ids fit in the larger vocabulary
+    return attach_adapter(model, cfg), tokenizer
+
+
+@dataclass
+class _Timed:
+    seconds: float
+    peak_bytes: int
+
+
+def _timed(device, fn):
+    _reset_peak(device)
+    _sync(device)
+    t = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, _Timed(time.perf_counter() - t, _peak(device))
+
+
+def run_benchmark(preset: str = "embedded", skip_naive: bool = False, **overrides) -> dict:
+    spec = dict(PRESETS[preset])
+    cfg = TrainConfig.from_preset(spec.pop("preset"), **{**spec, **overrides})
+    device = resolve_device(cfg)
+    torch.manual_seed(cfg.seed)
+    if preset == "llama-3.2-3b-shape":
+        model, tokenizer = _llama_3b_shape(cfg, device)
+        cfg = cfg.replace(dataset_name="embedded:gensim-enwiki", dataset_config="")
+    else:
+        model, tokenizer = load_policy(cfg, device)
+    sep, geo = encode_separators(tokenizer), head_geometry(model)
+    params = sum(p.numel() for p in model.parameters())
+    batch = next(iter_key_value_batches(cfg, tokenizer, key_embedding_fn(model, device)))
+    B = batch.batch_size
+    kwargs = dict(tokens_per_query=cfg.tokens_per_query, temperature=cfg.temperature, greedy=True)
+
+    rollout(model, batch.rows(0, 1), sep, geo, **kwargs)  # warm-up (allocator, kernels)
+    traj, t_cached = _timed(device, lambda: rollout(model, batch, sep, geo, **kwargs))
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+              f"cpu ({torch.get_num_threads()} threads)", "preset": preset, "batch_size": B,
+              "steps": batch.pool.shape[1], "params": params}
+    tokens_read = traj.forward_tokens
+    result["rollout_seconds"] = t_cached.seconds
+    result["rollout_trajectories_per_second"] = B / t_cached.seconds
+    result["rollout_tokens_per_second"] = tokens_read / t_cached.seconds
+    result["rollout_peak_memory_bytes"] = t_cached.peak_bytes
+    if not skip_naive:
+        (chosen, rewards), t_naive = _timed(device, lambda: naive_rollout(model, batch, sep, geo, cfg.tokens_per_query,
+                                                                          cfg.temperature))
+        same_pairs = torch.equal(chosen.cpu(), torch.stack([s.selected for s in traj.steps], 1).cpu())
+        result["naive_seconds"] = t_naive.seconds
+        result["naive_trajectories_per_second"] = B / t_naive.seconds
+        result["speedup_vs_naive"] = t_naive.seconds / t_cached.seconds
+        result["pairs_match"] = same_pairs
+        result["max_reward_difference"] = (rewards.float() - traj.rewards.float()).abs().max().item()
+        result["rewards_match"] = same_pairs and result["max_reward_difference"] < 1e-3
+        result["naive_peak_memory_bytes"] = t_naive.peak_bytes
+
+    optimizer = make_optimizer(model, cfg)
+    selected = torch.ones(B, dtype=torch.bool)
+    upd, t_update = _timed(device, lambda: update_policy(model, optimizer, traj, selected,
+                                                         training_batch_size=cfg.training_batch_size,
+                                                         beta=cfg.kl_beta, max_grad_norm=cfg.max_grad_norm))
+    trained_tokens = B * traj.tokens.shape[1]
+    result["update_seconds"] = t_update.seconds
+    result["update_tokens_per_second"] = trained_tokens / t_update.seconds
+    result["update_peak_memory_bytes"] = t_update.peak_bytes
+
+    peak = matmul_flops_per_second(device)
+    rollout_flops, update_flops = 2 * params * tokens_read, 6 * params * trained_tokens
+    result["matmul_flops_per_second"] = peak
+    result["rollout_flops_per_second"] = rollout_flops / t_cached.seconds
+    result["update_flops_per_second"] = update_flops / t_update.seconds
+    result["fraction_of_matmul_peak"] = (rollout_flops + update_flops) / (t_cached.seconds + t_update.seconds) / peak
+    result["rollout_fraction_of_matmul_peak"] = result["rollout_flops_per_second"] / peak
+    result["update_fraction_of_matmul_peak"] = result["update_flops_per_second"] / peak
+    result["peak_memory_bytes"] = max(t_cached.peak_bytes, t_update.peak_bytes)
+    return result
+
+
+def format_result(r: dict) -> str:
+    rows = [("device", r["device"]), ("preset", f"{r['preset']} (B={r['batch_size']}, {r['steps']} steps, "
+                                                f"{r['params'] / 1e6:.0f}M params)"),
+            ("cached rollout", f"{r['rollout_trajectories_per_second']:.2f} traj/s, "
+                               f"{r['rollout_tokens_per_second']:.0f} tok/s, {r['rollout_seconds']:.1f}s")]
+    if "naive_seconds" in r:
+        rows += [("naive rollout", f"{r['naive_trajectories_per_second']:.2f} traj/s, {r['naive_seconds']:.1f}s"),
+                 ("speedup", f"{r['speedup_vs_naive']:.2f}x; same pairs: {r['pairs_match']}, "
+                             f"max reward diff {r['max_reward_difference']:.2e}")]
+    gf = 1e9
+    rows += [("update", f"{r['update_tokens_per_second']:.0f} trained tok/s, {r['update_seconds']:.1f}s"),
+             ("matmul rate", f"{r['matmul_flops_per_second'] / gf:.1f} GFLOP/s"),
+             ("useful FLOP/s", f"rollout {r['rollout_flops_per_second'] / gf:.1f} "
+                               f"({r['rollout_fraction_of_matmul_peak']:.0%}), update "
+                               f"{r['update_flops_per_second'] / gf:.1f} ({r['update_fraction_of_matmul_peak']:.0%}), "
+                               f"episode {r['fraction_of_matmul_peak']:.0%} of matmul"),
+             ("peak memory", f"rollout {r['rollout_peak_memory_bytes'] / 2**30:.2f} GiB, "
+                             f"update {r['update_peak_memory_bytes'] / 2**30:.2f} GiB")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:{width}}  {v}" for k, v in rows)
+
+
+def main_bench(preset: str, as_json: bool, skip_naive: bool) -> int:
+    result = run_benchmark(preset, skip_naive=skip_naive)
+    print(format_result(result))
+    if as_json:
+        print(json.dumps(result))
+    return 0
