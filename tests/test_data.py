@@ -62,10 +62,22 @@ def test_embedded_dataset_has_hub_columns_and_clean_text():
 def test_iter_wikipedia_articles_cycles_and_tracks_position():
     cfg = TrainConfig.from_preset("embedded")
     position = DataPosition()
-    articles = list(itertools.islice(iter_wikipedia_articles(cfg, position=position), 110))
+    articles = list(itertools.islice(iter_wikipedia_articles(cfg, position=position, split="all"), 110))
     assert position.epoch == 1 and position.index == 110 - 106
-    resumed = list(itertools.islice(iter_wikipedia_articles(cfg, start=DataPosition(0, 50)), 60))
+    resumed = list(itertools.islice(iter_wikipedia_articles(cfg, start=DataPosition(0, 50), split="all"), 60))
     assert [a["id"] for a in resumed] == [a["id"] for a in articles[50:110]]
+
+
+def test_train_split_resumes_exactly_from_a_position():
+    """Positions count every article of the stream, so a filtered stream resumes where it stopped."""
+    cfg = TrainConfig.from_preset("embedded")
+    position = DataPosition()
+    stream = iter_wikipedia_articles(cfg, position=position)
+    list(itertools.islice(stream, 90))
+    saved = DataPosition(position.epoch, position.index)
+    rest = [a["id"] for a in itertools.islice(stream, 40)]
+    again = [a["id"] for a in itertools.islice(iter_wikipedia_articles(cfg, start=saved), 40)]
+    assert saved.epoch == 0 and rest == again
 
 
 class _CharTokenizer:
