@@ -9,6 +9,7 @@ Imports attnrl_core.config and attnrl_core.assets only.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 from dataclasses import dataclass, field
@@ -49,10 +50,13 @@ def encode_separators(tokenizer) -> Separators:
 # -- articles ---------------------------------------------------------------------------------------
 @dataclass
 class DataPosition:
-    """Where the article stream is: pass number and articles consumed in it (for checkpoints)."""
+    """Where the article stream is (for checkpoints): pass number, articles consumed in it, and for
+    unshuffled (Hub) streams `datasets`' own state, which resumes at the shard offset instead of
+    re-reading every article before it."""
 
     epoch: int = 0
     index: int = 0
+    stream_state: dict | None = None
 
 
 def load_article_stream(cfg: TrainConfig, epoch: int = 0):
@@ -97,20 +101,27 @@ def iter_wikipedia_articles(cfg: TrainConfig, start: DataPosition | None = None,
     position = position if position is not None else DataPosition()
     start = start or DataPosition()
     position.epoch, position.index = start.epoch, start.index
+    # The embedded sample is reshuffled every pass; a shuffle buffer is not in `state_dict`, so that
+    # stream resumes by skipping (cheap: it is small). Hub streams resume from their state.
+    shuffled = cfg.dataset_name == EMBEDDED_DATASET
     while True:
         stream = load_article_stream(cfg, position.epoch)
-        if position.index:
+        if start.stream_state is not None and not shuffled and position.epoch == start.epoch:
+            stream.load_state_dict(start.stream_state)
+        elif position.index:
             stream = stream.skip(position.index)
         seen = 0
         for article in stream:
             position.index += 1
+            if not shuffled:
+                position.stream_state = stream.state_dict()
             if keep(article):
                 seen += 1
                 yield article
         if seen == 0 and position.index == 0:
             raise ValueError(f"dataset {cfg.dataset_name!r} yielded no {split} articles: check dataset_name/config/"
                              "split and eval_fraction")
-        position.epoch, position.index = position.epoch + 1, 0
+        position.epoch, position.index, position.stream_state = position.epoch + 1, 0, None
         if passes is not None and position.epoch - start.epoch >= passes:
             return
 
@@ -209,7 +220,7 @@ def iter_pair_batches(tokenized: Iterable[tuple[dict, torch.Tensor]], cfg: Train
         keys, values = split_key_values(tokens, cfg.num_kv_pairs, cfg.tokens_per_key, cfg.tokens_per_value)
         pool = sample_chunks(len(chunk), cfg.num_kv_pairs, cfg.pool_size, generator)
         yield KeyValueBatch(keys, values, pool, [str(a["id"]) for a, _ in chunk], [a["title"] for a, _ in chunk],
-                            position=DataPosition(position.epoch, position.index) if position else DataPosition())
+                            position=dataclasses.replace(position) if position else DataPosition())
 
 
 def add_embeddings(batches: Iterable[KeyValueBatch],

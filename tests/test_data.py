@@ -151,3 +151,19 @@ def test_built_context_round_trips(smol_tokenizer):
     # decode -> encode gives the same ids for separators (chunks may merge across a cut word; ids are
     # never re-derived from text, which is why sequences are built by concatenating ids)
     assert smol_tokenizer(QUERY_SEPARATOR, add_special_tokens=False)["input_ids"] == ctx[0, 1:3].tolist()
+
+
+def test_unshuffled_stream_resumes_from_datasets_state():
+    """A Hub-style (unshuffled) stream — here a local folder read by the Hub path — resumes from
+    `datasets`' own state at the shard offset, not by skipping."""
+    from pathlib import Path
+
+    cfg = TrainConfig.from_preset("embedded", dataset_name=str(Path(embedded_dataset_file()).parent))
+    position = DataPosition()
+    stream = iter_wikipedia_articles(cfg, position=position)
+    list(itertools.islice(stream, 50))
+    saved = DataPosition(**vars(position))
+    assert saved.stream_state is not None
+    rest = [a["id"] for a in itertools.islice(stream, 20)]
+    again = [a["id"] for a in itertools.islice(iter_wikipedia_articles(cfg, start=saved), 20)]
+    assert rest == again
