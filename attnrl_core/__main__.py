@@ -60,7 +60,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import main_bench
 
-    return main_bench(args.preset, args.json, args.skip_naive)
+    return main_bench(args.preset, args.json, args.skip_naive, args.batch_size)
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--preset", choices=["embedded", "llama-3.2-3b-shape"], default="embedded",
                        help="embedded: SmolLM2-135M on CPU; llama-3.2-3b-shape: random 3B weights (for a GPU)")
     bench.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    bench.add_argument("--batch_size", type=int, default=None, help="trajectories per batch (default: the preset's)")
     bench.add_argument("--skip_naive", action="store_true", help="skip the (slow) naive reference path")
     bench.set_defaults(func=_cmd_bench)
     doctor = sub.add_parser("doctor", help="check the environment and say what to fix")

@@ -8,11 +8,12 @@ The same batch (articles, pools, seed, greedy decoding) is rolled out two ways i
           and loops over heads for the similarity.
 
 Both must choose the same pairs and give the same rewards (to float tolerance). Useful model FLOPs
-use the standard dense-transformer estimate, attention excluded:
-  rollout: 2 * params per token the cached path reads (its minimal work; the naive path is charged
-           the same useful work, so its extra re-encoding shows up as lower throughput)
-  update:  6 * params per trained token = 2 (previous-policy forward) + 2 (forward) + 2 (backward to
-           the activations; the frozen base needs no weight gradients)
+use the dense-transformer estimate with N = non-embedding parameters and the LM head (V x H) counted
+only where logits are computed; attention scores are excluded:
+  rollout: 2N per token the cached path reads + 2VH per logit position (its minimal work; the naive
+           path is charged the same useful work, so its extra re-encoding shows up as lower throughput)
+  update:  6N per trained token + 6VH per query position = 2 (previous-policy forward) + 2 (forward)
+           + 2 (backward to the activations; the frozen base needs no weight gradients)
 and are compared with the machine's own measured matmul rate (fp32 on CPU, bf16 on GPU).
 """
 
@@ -194,6 +195,8 @@ def run_benchmark(preset: str = "embedded", skip_naive: bool = False, **override
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
               f"cpu ({torch.get_num_threads()} threads)", "preset": preset, "batch_size": B,
               "steps": batch.pool.shape[1], "params": params}
+    result["flop_formula"] = ("rollout 2N/token read + 2VH/logit; update 6N/trained token + 6VH/query position; "
+                              "N = non-embedding params")
     tokens_read = traj.forward_tokens
     result["rollout_seconds"] = t_cached.seconds
     result["rollout_trajectories_per_second"] = B / t_cached.seconds
@@ -217,12 +220,16 @@ def run_benchmark(preset: str = "embedded", skip_naive: bool = False, **override
                                                          training_batch_size=cfg.training_batch_size,
                                                          beta=cfg.kl_beta, max_grad_norm=cfg.max_grad_norm))
     trained_tokens = B * traj.tokens.shape[1]
+    query_positions = B * traj.query_positions.numel()
     result["update_seconds"] = t_update.seconds
     result["update_tokens_per_second"] = trained_tokens / t_update.seconds
     result["update_peak_memory_bytes"] = t_update.peak_bytes
 
     peak = matmul_flops_per_second(device)
-    rollout_flops, update_flops = 2 * params * tokens_read, 6 * params * trained_tokens
+    vh = model.config.vocab_size * model.config.hidden_size
+    non_embedding = params - vh * (1 if model.config.tie_word_embeddings else 2)
+    rollout_flops = 2 * non_embedding * tokens_read + 2 * vh * traj.logit_positions
+    update_flops = 6 * non_embedding * trained_tokens + 6 * vh * query_positions
     result["matmul_flops_per_second"] = peak
     result["rollout_flops_per_second"] = rollout_flops / t_cached.seconds
     result["update_flops_per_second"] = update_flops / t_update.seconds
@@ -255,8 +262,10 @@ def format_result(r: dict) -> str:
     return "\n".join(f"{k:{width}}  {v}" for k, v in rows)
 
 
-def main_bench(preset: str, as_json: bool, skip_naive: bool) -> int:
-    result = run_benchmark(preset, skip_naive=skip_naive)
+def main_bench(preset: str, as_json: bool, skip_naive: bool, batch_size: int | None = None) -> int:
+    sizes = {} if batch_size is None else {"generation_batch_size": batch_size,
+                                           "training_batch_size": min(batch_size, 8)}
+    result = run_benchmark(preset, skip_naive=skip_naive, **sizes)
     print(format_result(result))
     if as_json:
         print(json.dumps(result))

@@ -11,6 +11,9 @@ config), the same batch — same first pair, same pools, same seed — is rolled
 Each reports the mean value log-prob per step under the model that wrote the context, and the
 normalised reward exactly as training defines it (minus the base model's log-prob after its own
 counterfactual query), with 95% bootstrap confidence intervals over articles.
+
+Every method starts from the same RNG state (common random numbers): the comparison is paired, and
+where two selection distributions are close (a barely trained policy) they make the same choices.
 """
 
 from __future__ import annotations

@@ -63,6 +63,7 @@ class Trajectory:
     query_offset: int  # Sq: where a step's query starts within the step
     batch: KeyValueBatch
     forward_tokens: int  # tokens read by the model during the rollout (for throughput)
+    logit_positions: int = 0  # positions at which the LM head ran (for FLOP accounting)
 
     @classmethod
     def concat(cls, parts: list["Trajectory"], batch: KeyValueBatch) -> "Trajectory":
@@ -70,7 +71,8 @@ class Trajectory:
         first = parts[0]
         steps = [_cat_steps([p.steps[t] for p in parts]) for t in range(len(first.steps))]
         return cls(steps, torch.cat([p.tokens for p in parts]), first.initial_length, first.step_length,
-                   first.query_offset, batch, sum(p.forward_tokens for p in parts))
+                   first.query_offset, batch, sum(p.forward_tokens for p in parts),
+                   sum(p.logit_positions for p in parts))
 
     @property
     def rewards(self) -> torch.Tensor:  # [B, P]
@@ -112,8 +114,9 @@ def sample_tokens(model: nn.Module, cache: DynamicCache, prompt: torch.Tensor, n
     for i in range(num_tokens):
         if greedy:
             token = logits.argmax(dim=-1, keepdim=True)
-        else:
-            token = torch.multinomial(F.softmax(logits.float() / temperature, dim=-1), 1)  # [B, 1]
+        else:  # argmax(p / E), E ~ Exp(1), draws from p exactly; torch.multinomial is ~10x slower on a large vocab
+            probs = F.softmax(logits.float() / temperature, dim=-1)
+            token = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1, keepdim=True)  # [B, 1]
         out.append(token)
         if i + 1 < num_tokens:
             logits = _forward(model, token, cache, 1)[:, -1]
@@ -218,7 +221,9 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
     assert tokens.shape == (B, L0 + P * step_length), tokens.shape
     assert policy_cache.get_seq_length() == base_cache.get_seq_length() == tokens.shape[1]
     model.train(was_training)
-    return Trajectory(steps, tokens, L0, step_length, q_sep.shape[1], batch, forward_tokens)
+    # LM head: prefills 1 each; per step and model Tq sampling positions + Tv+1 scored; base re-read 1
+    logit_positions = 2 * B + P * B * (2 * (Tq + values.shape[2] + 1) + 1)
+    return Trajectory(steps, tokens, L0, step_length, q_sep.shape[1], batch, forward_tokens, logit_positions)
 
 
 @torch.inference_mode()
