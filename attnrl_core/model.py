@@ -29,29 +29,26 @@ def resolve_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, cfg.dtype)
 
 
-def model_source(cfg: TrainConfig) -> str:
+def _source(name: str) -> str:
     """Folder or Hub id to load from; the embedded model is converted to a cached folder on first use."""
-    if cfg.model_name == EMBEDDED_MODEL:
+    if name == EMBEDDED_MODEL:
         from .assets import embedded_model_dir
 
         return str(embedded_model_dir())
-    return cfg.model_name
+    return name
 
 
 def load_tokenizer(cfg: TrainConfig):
     from transformers import AutoTokenizer
 
-    name = cfg.tokenizer_name or model_source(cfg)
-    if name == EMBEDDED_MODEL:
-        name = model_source(cfg)
-    return AutoTokenizer.from_pretrained(name)
+    return AutoTokenizer.from_pretrained(_source(cfg.tokenizer_name or cfg.model_name))
 
 
 def load_base_model(cfg: TrainConfig, device: torch.device | None = None) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     device = device or resolve_device(cfg)
-    model = AutoModelForCausalLM.from_pretrained(model_source(cfg), dtype=resolve_dtype(cfg, device),
+    model = AutoModelForCausalLM.from_pretrained(_source(cfg.model_name), dtype=resolve_dtype(cfg, device),
                                                  attn_implementation="sdpa")
     return model.to(device).eval()
 
@@ -68,9 +65,9 @@ def attach_adapter(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     return peft_model.eval()
 
 
-def load_policy(cfg: TrainConfig, device: torch.device | None = None):
-    """(policy model with adapter, tokenizer) for a config."""
-    tokenizer = load_tokenizer(cfg)
+def load_policy(cfg: TrainConfig, device: torch.device | None = None, tokenizer=None):
+    """(policy model with adapter, tokenizer) for a config; pass a tokenizer already loaded to reuse it."""
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
     model = attach_adapter(load_base_model(cfg, device), cfg)
     return model, tokenizer
 

@@ -194,9 +194,10 @@ class _StopRequest:
 
 def validate_inputs(cfg: TrainConfig, resume: bool):
     """Everything that can be checked before the model is loaded, in seconds: run directory, device,
-    tokenizer (model name), dataset, and that some article is long enough. Returns the tokenizer."""
-    prepare_run_dir(cfg, resume)
-    resolve_device(cfg)
+    tokenizer (model name), dataset, and that some article is long enough.
+    Returns (run dir, checkpoint to resume from or None, device, tokenizer)."""
+    out, ckpt = prepare_run_dir(cfg, resume)
+    device = resolve_device(cfg)
     try:
         tokenizer = load_tokenizer(cfg)
     except (OSError, ValueError) as e:
@@ -205,7 +206,7 @@ def validate_inputs(cfg: TrainConfig, resume: bool):
                          "or use --preset embedded") from None
     articles = iter_wikipedia_articles(cfg)
     next(tokenize_articles(articles, tokenizer, cfg.min_article_tokens, cfg.max_scan_articles, batch_size=1))
-    return tokenizer
+    return out, ckpt, device, tokenizer
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
@@ -213,13 +214,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     have been validated, and an existing run is only ever continued (`resume=True`), never overwritten."""
     from tqdm.auto import tqdm
 
-    validate_inputs(cfg, resume)
-    out, ckpt = prepare_run_dir(cfg, resume)
-    device = resolve_device(cfg)
+    out, ckpt, device, tokenizer = validate_inputs(cfg, resume)
     seed_everything(cfg.seed)
 
     # 1. Initialisation
-    model, tokenizer = load_policy(cfg, device)
+    model, tokenizer = load_policy(cfg, device, tokenizer)
     sep, geo = encode_separators(tokenizer), head_geometry(model)
     optimizer = make_optimizer(model, cfg)
     stats, start_episode, data_start = RunningStats(), 0, DataPosition()
