@@ -71,12 +71,14 @@ def plot_similarity_distribution(trajectories: list[dict], num_kv_pairs: int | N
         return fig
     bins = np.linspace(0, 1, 26)
     a.hist(chosen, bins=bins, alpha=0.7, label="chosen pair")
-    a.hist(uniform, bins=bins, alpha=0.5, label="uniform over pool")
+    a.hist(uniform, bins=bins, alpha=0.5, label="uniform over the pairs left (1 at the last step)")
     a.set(xlabel="probability", ylabel="steps", title="Selection probabilities")
     a.legend(fontsize=8)
     heat = np.stack([np.mean(rows[s], axis=0) for s in sorted(rows)])  # [steps, N]
     im = b.imshow(heat, aspect="auto", cmap="viridis")
     b.set(xlabel="pair position in article", ylabel="step", title="Mean selection probability")
+    b.set_xticks(range(heat.shape[1]))
+    b.set_yticks(range(heat.shape[0]))
     fig.colorbar(im, ax=b)
     fig.tight_layout()
     return fig
