@@ -69,8 +69,10 @@ def test_broken_checkpoint_is_skipped_for_the_previous_one(reference_run, tmp_pa
     with pytest.warns(UserWarning, match="truncated"):
         assert latest_valid_checkpoint(run) == list_checkpoints(run)[-2]
     (list_checkpoints(run)[-2] / "state.json").unlink()
-    with pytest.warns(UserWarning, match="missing"):
+    with pytest.warns(UserWarning) as caught:
         assert latest_valid_checkpoint(run) == list_checkpoints(run)[-3]
+    assert [str(w.message).split(":", 1)[1].strip() for w in caught] == [
+        "adapter_model.safetensors is truncated or altered", "state.json is missing"]
 
 
 def test_keep_last_checkpoints(tmp_path):
