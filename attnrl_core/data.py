@@ -201,12 +201,6 @@ class KeyValueBatch:
         return KeyValueBatch(self.key_tokens[start:stop], self.value_tokens[start:stop], self.pool[start:stop],
                              self.article_ids[start:stop], self.titles[start:stop], emb, self.position)
 
-    def key_text(self, tokenizer) -> list[list[str]]:
-        return [tokenizer.batch_decode(k) for k in self.key_tokens]
-
-    def value_text(self, tokenizer) -> list[list[str]]:
-        return [tokenizer.batch_decode(v) for v in self.value_tokens]
-
 
 def iter_pair_batches(tokenized: Iterable[tuple[dict, torch.Tensor]], cfg: TrainConfig,
                       position: DataPosition | None = None,

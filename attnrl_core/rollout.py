@@ -42,10 +42,7 @@ class TrajectoryStep:
     probabilities: torch.Tensor  # [B, N] the distribution (0 for pairs not available)
     policy_logprob: torch.Tensor  # [B] mean log p_policy(value tokens)
     base_logprob: torch.Tensor  # [B] mean log p_base(value tokens | counterfactual query)
-
-    @property
-    def reward(self) -> torch.Tensor:  # [B]
-        return self.policy_logprob - self.base_logprob
+    reward: torch.Tensor  # [B] calculate_reward: policy_logprob - base_logprob
 
 
 def _cat_steps(steps: list[TrajectoryStep]) -> TrajectoryStep:
@@ -211,8 +208,9 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
             base_cache.crop(-(Tq + r_sep.shape[1] + value.shape[1]))  # back to context + ` Query:`
             _forward(model, torch.cat([query, r_sep, value], dim=1), base_cache, 1)
         chunks += [q_sep, query, r_sep, value]
-        steps.append(TrajectoryStep(query, cf, choice, probs[rows, choice], probs,
-                                    policy_lp.mean(dim=1), base_lp.mean(dim=1)))
+        # 6. the reward
+        steps.append(TrajectoryStep(query, cf, choice, probs[rows, choice], probs, policy_lp.mean(dim=1),
+                                    base_lp.mean(dim=1), calculate_reward(policy_lp, base_lp)))
         forward_tokens += B * (2 * (q_sep.shape[1] + Tq + r_sep.shape[1] + value.shape[1])  # two models' passes
                                + Tq  # query embedding
                                + Tq + r_sep.shape[1] + value.shape[1])  # base cache re-reads the policy's pair

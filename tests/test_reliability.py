@@ -198,7 +198,7 @@ def test_non_finite_rewards_are_skipped_then_stop(tmp_path, monkeypatch):
 
     def rollout(*a, **k):
         traj = real_rollout(*a, **k)
-        traj.steps[0].policy_logprob = torch.full_like(traj.steps[0].policy_logprob, float("nan"))
+        traj.steps[0].reward = torch.full_like(traj.steps[0].reward, float("nan"))
         return traj
 
     monkeypatch.setattr(res, "rollout", rollout)
