@@ -17,7 +17,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .run import train
 
     if args.resume:
-        import json
         from pathlib import Path
 
         if not args.output_dir:
@@ -25,10 +24,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         stored = Path(args.output_dir) / "config.json"
         if not stored.is_file():
             raise ValueError(f"--resume: {stored} does not exist: is {args.output_dir!r} a run directory?")
-        data = json.loads(stored.read_text())
-        if args.num_episodes is not None:
-            data["num_episodes"] = int(args.num_episodes)
-        cfg = TrainConfig.from_preset(data.pop("preset"), **data)
+        more = {} if args.num_episodes is None else {"num_episodes": int(args.num_episodes)}
+        cfg = TrainConfig.from_file(stored, **more)
     else:
         cfg = config_from_args(args)
     t0 = time.perf_counter()

@@ -19,7 +19,7 @@ import torch
 
 from .model import adapter_parameters
 from .rollout import Trajectory, rollout
-from .training import UpdateResult, update_policy
+from .training import UpdateResult, load_values, update_policy
 
 log = logging.getLogger("attnrl")
 
@@ -77,9 +77,7 @@ def update_resilient(model, optimizer, trajectory, selected, state: FallbackStat
             if not is_out_of_memory(e):
                 raise
             optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for p, v in zip(params, saved_params):
-                    p.copy_(v)
+            load_values(params, saved_params)
             optimizer.load_state_dict(saved_optimizer)
             free_memory()
             state.oom_events += 1

@@ -148,8 +148,7 @@ def load_run(run_dir: str | Path) -> tuple[TrainConfig, list[dict], list[dict]]:
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise ValueError(f"{str(run_dir)!r} is not a run directory (no config.json)")
-    data = json.loads((run_dir / "config.json").read_text())
-    cfg = TrainConfig.from_preset(data.pop("preset"), **data)
+    cfg = TrainConfig.from_file(run_dir / "config.json")
     return cfg, read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "trajectories.jsonl")
 
 

@@ -113,19 +113,22 @@ def query_logits(model: nn.Module, tokens: torch.Tensor, query_positions: torch.
     return model(input_ids=tokens, use_cache=False, logits_to_keep=query_positions - 1).logits
 
 
+@torch.no_grad()
+def load_values(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
+    """Copy `values` into `params` in place (optimizer references stay valid)."""
+    for p, v in zip(params, values):
+        p.copy_(v)
+
+
 @contextlib.contextmanager
 def swapped_parameters(params: list[nn.Parameter], values: list[torch.Tensor]):
     """Temporarily load `values` into `params` (the previous policy), restoring them on exit."""
     saved = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, v in zip(params, values):
-            p.copy_(v)
+    load_values(params, values)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for p, v in zip(params, saved):
-                p.copy_(v)
+        load_values(params, saved)
 
 
 @dataclass
