@@ -4,17 +4,20 @@ For a batch of B articles, in lock-step (every row has the same length at every 
 
   0. The context starts as [BOS] ` Query:` key_0 ` Response:` value_0 (pair 0 is the in-context example).
   For each of the P steps:
-  1. The policy (adapter on) samples exactly `tokens_per_query` tokens after ` Query:`.
-  2. Their last-layer q_proj embedding scores the keys still in the pool (`compute_similarity`).
+  1. The policy (adapter on) samples exactly `tokens_per_query` tokens after ` Query:`; in the same
+     forward passes the base model (adapter off) samples the counterfactual query from the same context.
+  2. The query's last-layer q_proj embedding scores the keys still in the pool (`compute_similarity`).
   3. A pair is sampled from that distribution and removed from the pool.
-  4. ` Response:` value is fed through the policy: its log-probs are the reward's first term and the
-     same forward pass extends the policy's context.
-  5. The base model (adapter off) samples a counterfactual query from the same context, scores the
-     value after it, rolls its cache back, and reads the policy's query and value instead.
+  4. ` Response:` value is scored after each query, by its own model, in one forward pass: the policy's
+     log-probs are the reward's first term, the base model's the second, and the policy's pass
+     extends its context.
+  5. The base model's rows roll back and read the policy's query and value instead.
   6. r_t = mean log p_policy(value) - mean log p_base(value | counterfactual query).
 
-Two KV caches (policy, base) grow step by step; nothing is re-encoded. Python loops run only over
-steps and generated tokens. Imports attnrl_core.data, .embeddings and .model.
+Policy and base model share every forward pass: one batch of 2B rows, the adapter applied to the
+first B only (PEFT's mixed-adapter batch), so each decode step reads the weights once for both.
+Their KV cache is allocated once for the final length and written in place; nothing is re-encoded.
+Python loops run only over steps and generated tokens. Imports attnrl_core.data, .embeddings and .model.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from .data import KeyValueBatch, Separators
 from .embeddings import compute_similarity, query_embeddings
@@ -95,38 +99,107 @@ class Trajectory:
         return torch.cat([s.query_tokens for s in self.steps], dim=1)
 
 
-def _forward(model: nn.Module, ids: torch.Tensor, cache: DynamicCache, logits_to_keep: int) -> torch.Tensor:
-    return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep).logits
+class _BufferLayer(DynamicLayer):
+    """A cache layer whose keys and values are views of a buffer allocated once for `max_length` positions.
+
+    `update` writes the new positions in place instead of concatenating the whole cache every token;
+    `crop` (inherited) shortens the views. `rows` gives a layer over some batch rows of the same buffer.
+    """
+
+    def __init__(self, max_length: int):
+        super().__init__()
+        self.max_length = max_length
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, D = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.key_buffer = key_states.new_empty(B, H, self.max_length, D)
+        self.value_buffer = value_states.new_empty(B, value_states.shape[1], self.max_length, value_states.shape[3])
+        self.keys, self.values = self.key_buffer[:, :, :0], self.value_buffer[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.keys.shape[2], self.keys.shape[2] + key_states.shape[2]
+        assert end <= self.max_length, f"cache holds {self.max_length} positions, {end} asked for"
+        self.key_buffer[:, :, start:end] = key_states
+        self.value_buffer[:, :, start:end] = value_states
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def rows(self, rows: slice, length: int) -> "_BufferLayer":
+        view = _BufferLayer(self.max_length)
+        view.dtype, view.device, view.is_initialized = self.dtype, self.device, True
+        view.key_buffer, view.value_buffer = self.key_buffer[rows], self.value_buffer[rows]
+        view.keys, view.values = view.key_buffer[:, :, :length], view.value_buffer[:, :, :length]
+        return view
+
+
+class BufferedCache(DynamicCache):
+    """A `DynamicCache` of `_BufferLayer`s: allocated once for `max_length` positions, written in place."""
+
+    def __init__(self, config, max_length: int, layers: list | None = None):
+        if layers is None:
+            layers = [_BufferLayer(max_length) for _ in range(config.get_text_config(decoder=True).num_hidden_layers)]
+        Cache.__init__(self, layers=layers)
+
+    def rows(self, rows: slice, length: int) -> "BufferedCache":
+        """A cache over `rows` of this one's buffers holding its first `length` positions; writes land here too."""
+        return BufferedCache(None, 0, [layer.rows(rows, length) for layer in self.layers])
+
+
+def _forward(model: nn.Module, ids: torch.Tensor, cache: DynamicCache, logits_to_keep: int,
+             adapter_names: list[str] | None = None) -> torch.Tensor:
+    extra = {} if adapter_names is None else {"adapter_names": adapter_names}
+    return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep, **extra).logits
+
+
+def policy_and_base(model: nn.Module, B: int) -> list[str] | None:
+    """PEFT `adapter_names` for a batch of 2B rows: the adapter on the first B, off (`__base__`) on the rest.
+    None for a model without an adapter, where both halves are the same model anyway."""
+    if not hasattr(model, "active_adapter"):
+        return None
+    return [model.active_adapter] * B + ["__base__"] * B
+
+
+def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """One token per row [B, 1] from softmax(logits [B, V] / temperature), by inverting the CDF.
+
+    One uniform per row and a scan of the vocabulary, on the device, with no host synchronisation.
+    `torch.multinomial` (and the exponential race it uses for one sample) draws an exponential for
+    every vocabulary entry: 6M draws per token at B=128, V=49k, which made it the rollout's single
+    most expensive operation on the CPU (5 of 43 seconds in a profile).
+    """
+    cdf = F.softmax(logits.float() / temperature, dim=-1).cumsum(dim=-1)  # [B, V]
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]  # scaled by the total: no rounding overflow
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)
 
 
 def sample_tokens(model: nn.Module, cache: DynamicCache, prompt: torch.Tensor, num_tokens: int,
-                  temperature: float, greedy: bool = False) -> torch.Tensor:
+                  temperature: float, greedy: bool = False, adapter_names: list[str] | None = None) -> torch.Tensor:
     """Read `prompt` [B, S] into `cache`, then sample exactly `num_tokens` tokens [B, num_tokens].
 
     No early stop. The last sampled token is *not* read into the cache: the caller's next forward
     pass starts with it (so the step's value scoring and context extension are one pass).
     """
-    logits = _forward(model, prompt, cache, 1)[:, -1]  # [B, V]
+    logits = _forward(model, prompt, cache, 1, adapter_names)[:, -1]  # [B, V]
     out = []
     for i in range(num_tokens):
-        if greedy:
-            token = logits.argmax(dim=-1, keepdim=True)
-        else:  # argmax(p / E), E ~ Exp(1): torch.multinomial's own one-sample algorithm (same draws), minus its
-            # input-validation scans over the 49k-128k vocabulary, which cost ~9 ms a call on the CPU
-            probs = F.softmax(logits.float() / temperature, dim=-1)
-            token = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1, keepdim=True)  # [B, 1]
+        token = logits.argmax(dim=-1, keepdim=True) if greedy else sample_from_logits(logits, temperature)  # [B, 1]
         out.append(token)
         if i + 1 < num_tokens:
-            logits = _forward(model, token, cache, 1)[:, -1]
+            logits = _forward(model, token, cache, 1, adapter_names)[:, -1]
     return torch.cat(out, dim=1)
 
 
 def score_continuation(model: nn.Module, cache: DynamicCache, prefix: torch.Tensor,
-                       target: torch.Tensor) -> torch.Tensor:
+                       target: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
     """Read prefix [B, S] + target [B, T] into `cache`; return log p(target tokens) [B, T] (float32)."""
     T = target.shape[1]
-    logits = _forward(model, torch.cat([prefix, target], dim=1), cache, T + 1)[:, :-1]  # [B, T, V]
-    return F.log_softmax(logits.float(), dim=-1).gather(-1, target[..., None]).squeeze(-1)
+    logits = _forward(model, torch.cat([prefix, target], dim=1), cache, T + 1, adapter_names)[:, :-1].float()
+    # log p(target) = logit(target) - logsumexp(logits): no [B, T, V] log-softmax tensor is written
+    return logits.gather(-1, target[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def calculate_reward(policy_logprobs: torch.Tensor, base_logprobs: torch.Tensor) -> torch.Tensor:
@@ -183,42 +256,43 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
 
     context = initial_context(batch, sep, device)  # [B, L0]
     L0 = context.shape[1]
-    policy_cache, base_cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
-    _forward(model, context, policy_cache, 1)
-    with base_model(model):
-        _forward(model, context, base_cache, 1)
+    step_length = q_sep.shape[1] + Tq + r_sep.shape[1] + values.shape[2]
+    both = policy_and_base(model, B)  # rows [0, B): the policy; rows [B, 2B): the base model
+    cache = BufferedCache(model.config, L0 + P * step_length)
+    _forward(model, context.repeat(2, 1), cache, 1, both)
     forward_tokens = 2 * B * L0
 
     chunks, steps = [context], []
     for _ in range(P):
-        # 1-2. the policy writes a query; its embedding scores the keys left in the pool
-        query = sample_tokens(model, policy_cache, q_sep, Tq, query_temperature, greedy)  # [B, Tq]
+        # 1. the policy writes a query; the base model writes the counterfactual in the same passes
+        queries = sample_tokens(model, cache, q_sep.repeat(2, 1), Tq, query_temperature, greedy, both)  # [2B, Tq]
+        query, cf = queries[:B], queries[B:]
+        # 2. the query's embedding scores the keys left in the pool
         probs = compute_similarity(query_embeddings(model, query), batch.key_embeddings,
                                    geo.num_query_heads, geo.num_kv_heads, temperature, available)  # [B, N]
         # 3. draw a pair without replacement
         choice, probs = choose_pairs(probs, available, selector, greedy)  # [B], [B, N]
         available[rows, choice] = False
         value = values[rows, choice]  # [B, Tv]
-        # 4. the policy scores the value; the same pass extends its context
-        policy_lp = score_continuation(model, policy_cache, torch.cat([query[:, -1:], r_sep], dim=1), value)
-        # 5. the counterfactual: base model, same context, same length and sampling settings
+        # 4. each model scores the value after its own query; the policy's pass extends its context
+        scored = score_continuation(model, cache, torch.cat([queries[:, -1:], r_sep.repeat(2, 1)], dim=1),
+                                    value.repeat(2, 1), both)  # [2B, Tv]
+        policy_lp, base_lp = scored[:B], scored[B:]
+        # 5. the base model's rows roll back to context + ` Query:` and read the policy's query and value
+        appended = torch.cat([query, r_sep, value], dim=1)
         with base_model(model):
-            cf = sample_tokens(model, base_cache, q_sep, Tq, query_temperature, greedy)
-            base_lp = score_continuation(model, base_cache, torch.cat([cf[:, -1:], r_sep], dim=1), value)
-            base_cache.crop(-(Tq + r_sep.shape[1] + value.shape[1]))  # back to context + ` Query:`
-            _forward(model, torch.cat([query, r_sep, value], dim=1), base_cache, 1)
+            _forward(model, appended, cache.rows(slice(B, 2 * B), cache.get_seq_length() - appended.shape[1]), 1)
         chunks += [q_sep, query, r_sep, value]
         # 6. the reward
         steps.append(TrajectoryStep(query, cf, choice, probs[rows, choice], probs, policy_lp.mean(dim=1),
                                     base_lp.mean(dim=1), calculate_reward(policy_lp, base_lp)))
         forward_tokens += B * (2 * (q_sep.shape[1] + Tq + r_sep.shape[1] + value.shape[1])  # two models' passes
                                + Tq  # query embedding
-                               + Tq + r_sep.shape[1] + value.shape[1])  # base cache re-reads the policy's pair
+                               + Tq + r_sep.shape[1] + value.shape[1])  # base rows re-read the policy's pair
 
     tokens = torch.cat(chunks, dim=1)  # [B, L]
-    step_length = q_sep.shape[1] + Tq + r_sep.shape[1] + values.shape[2]
     assert tokens.shape == (B, L0 + P * step_length), tokens.shape
-    assert policy_cache.get_seq_length() == base_cache.get_seq_length() == tokens.shape[1]
+    assert cache.get_seq_length() == tokens.shape[1], (cache.get_seq_length(), tokens.shape)
     model.train(was_training)
     # LM head: prefills 1 each; per step and model Tq sampling positions + Tv+1 scored; base re-read 1
     logit_positions = 2 * B + P * B * (2 * (Tq + values.shape[2] + 1) + 1)

@@ -77,13 +77,17 @@ def select_trajectories(rewards: torch.Tensor, stats: RunningStats, warmup: int,
 
 # -- 5. the loss --------------------------------------------------------------------------------------
 def kl_penalty(current_logits: torch.Tensor, previous_logits: torch.Tensor) -> torch.Tensor:
-    """KL(previous || current) summed over the vocabulary: [..., V] -> [...].
+    """KL(previous || current) summed over the vocabulary: [..., V] -> [...]."""
+    return _kl(F.log_softmax(current_logits.float(), dim=-1), F.log_softmax(previous_logits.float(), dim=-1))
+
+
+def _kl(current_logp: torch.Tensor, previous_logp: torch.Tensor) -> torch.Tensor:
+    """KL(previous || current) from log-probabilities [..., V] -> [...].
 
     `F.kl_div(input, target, log_target=True)` computes sum target.exp() * (target - input), i.e.
     KL(target || input), so the current policy is the input and the previous one the target.
     """
-    return F.kl_div(F.log_softmax(current_logits.float(), dim=-1), F.log_softmax(previous_logits.float(), dim=-1),
-                    reduction="none", log_target=True).sum(dim=-1)
+    return F.kl_div(current_logp, previous_logp, reduction="none", log_target=True).sum(dim=-1)
 
 
 @dataclass
@@ -101,10 +105,13 @@ def reinforce_loss(current_logits: torch.Tensor, previous_logits: torch.Tensor, 
     """
     n, M, _ = current_logits.shape
     assert previous_logits.shape == current_logits.shape and tokens.shape == (n, M) and rewards.shape == (n,)
-    current, previous = current_logits.float() / temperature, previous_logits.float() / temperature
-    logp = F.log_softmax(current, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)  # [n, M]
+    current, previous = current_logits.float(), previous_logits.float()
+    if temperature != 1.0:  # at 1 the division would only copy two [n, M, V] tensors
+        current, previous = current / temperature, previous / temperature
+    current_logp = F.log_softmax(current, dim=-1)  # one [n, M, V] log-softmax serves both terms
+    logp = current_logp.gather(-1, tokens[..., None]).squeeze(-1)  # [n, M]
     policy_loss = -(rewards * logp.sum(dim=1)).mean()
-    kl = kl_penalty(current, previous).sum(dim=1).mean()
+    kl = _kl(current_logp, F.log_softmax(previous, dim=-1)).sum(dim=1).mean()
     return LossTerms(policy_loss + beta * kl, policy_loss, kl)
 
 

@@ -1,10 +1,11 @@
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from attnrl_core.model import base_model, head_geometry
-from attnrl_core.rollout import calculate_reward, initial_context, rollout
+from attnrl_core.rollout import BufferedCache, calculate_reward, initial_context, rollout, sample_from_logits
 
-from .conftest import SEP, make_batch, tiny_config
+from .conftest import SEP, make_batch, tiny_config, tiny_llama
 
 
 def _run(policy, greedy=False, seed=0, **cfg_overrides):
@@ -100,3 +101,32 @@ def test_rewards_are_policy_minus_base(policy):
     for s in traj.steps:
         torch.testing.assert_close(s.reward, s.policy_logprob - s.base_logprob)
     torch.testing.assert_close(traj.avg_reward, traj.rewards.mean(1))
+
+
+def test_sample_from_logits_follows_the_tempered_softmax():
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")], [0.0, 0.0, 3.0, 0.0, 0.0]])
+    n, temperature = 20_000, 0.7
+    draws = sample_from_logits(logits.repeat_interleave(n, dim=0), temperature).view(2, n)  # [2, n]
+    assert draws.dtype == torch.long and int(draws.max()) < 5
+    freq = F.one_hot(draws, 5).float().mean(dim=1)  # [2, 5]
+    torch.testing.assert_close(freq, F.softmax(logits / temperature, dim=-1), rtol=0, atol=0.015)
+    assert not (draws[0] == 4).any()  # a token of probability 0 is never drawn
+
+
+def test_buffered_cache_rows_are_written_in_place():
+    """Rows of a BufferedCache rolled back and re-read through `rows` hold what a fresh cache would."""
+    model = tiny_llama()
+    torch.manual_seed(0)
+    first, second, other = torch.randint(0, 300, (4, 7)), torch.randint(0, 300, (4, 3)), torch.randint(0, 300, (2, 3))
+    with torch.no_grad():
+        cache = BufferedCache(model.config, 10)
+        model(input_ids=first, past_key_values=cache)
+        model(input_ids=second, past_key_values=cache)
+        model(input_ids=other, past_key_values=cache.rows(slice(2, 4), 7))  # rows 2-3 read `other` instead
+        assert cache.get_seq_length() == 10
+        expected = DynamicCache(config=model.config)
+        model(input_ids=torch.cat([first, torch.cat([second[:2], other])], dim=1), past_key_values=expected)
+    for got, want in zip(cache.layers, expected.layers):
+        torch.testing.assert_close(got.keys, want.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.values, want.values, rtol=1e-5, atol=1e-5)
