@@ -57,7 +57,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import main_bench
 
-    return main_bench(args.preset, args.json, args.skip_naive, args.batch_size)
+    return main_bench(args.preset, args.json, args.skip_naive, args.batch_size, args.num_kv_pairs)
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="embedded: SmolLM2-135M on CPU; llama-3.2-3b-shape: random 3B weights (for a GPU)")
     bench.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     bench.add_argument("--batch_size", type=int, default=None, help="trajectories per batch (default: the preset's)")
+    bench.add_argument("--num_kv_pairs", type=int, default=None,
+                       help="pairs per article (default: the preset's); steps = ceil(subset_fraction * pairs)")
     bench.add_argument("--skip_naive", action="store_true", help="skip the (slow) naive reference path")
     bench.set_defaults(func=_cmd_bench)
     doctor = sub.add_parser("doctor", help="check the environment and say what to fix")

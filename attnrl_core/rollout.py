@@ -65,15 +65,17 @@ class Trajectory:
     batch: KeyValueBatch
     forward_tokens: int  # tokens read by the model during the rollout (for throughput)
     logit_positions: int = 0  # positions at which the LM head ran (for FLOP accounting)
+    query_logits: torch.Tensor | None = None  # [B, P*Tq, V] the policy's logits each query token was drawn from
 
     @classmethod
     def concat(cls, parts: list["Trajectory"], batch: KeyValueBatch) -> "Trajectory":
         """Join trajectories rolled out in row chunks of `batch` (all chunks have the same lengths)."""
         first = parts[0]
         steps = [_cat_steps([p.steps[t] for p in parts]) for t in range(len(first.steps))]
+        logits = None if first.query_logits is None else torch.cat([p.query_logits for p in parts])
         return cls(steps, torch.cat([p.tokens for p in parts]), first.initial_length, first.step_length,
                    first.query_offset, batch, sum(p.forward_tokens for p in parts),
-                   sum(p.logit_positions for p in parts))
+                   sum(p.logit_positions for p in parts), logits)
 
     @property
     def rewards(self) -> torch.Tensor:  # [B, P]
@@ -177,20 +179,25 @@ def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.
 
 
 def sample_tokens(model: nn.Module, cache: DynamicCache, prompt: torch.Tensor, num_tokens: int,
-                  temperature: float, greedy: bool = False, adapter_names: list[str] | None = None) -> torch.Tensor:
+                  temperature: float, greedy: bool = False, adapter_names: list[str] | None = None,
+                  keep_logits: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Read `prompt` [B, S] into `cache`, then sample exactly `num_tokens` tokens [B, num_tokens].
 
-    No early stop. The last sampled token is *not* read into the cache: the caller's next forward
-    pass starts with it (so the step's value scoring and context extension are one pass).
+    Returns the tokens and, for the first `keep_logits` rows, the logits each token was drawn from
+    [keep_logits, num_tokens, V] (None when 0). No early stop. The last sampled token is *not* read
+    into the cache: the caller's next forward pass starts with it (so the step's value scoring and
+    context extension are one pass).
     """
     logits = _forward(model, prompt, cache, 1, adapter_names)[:, -1]  # [B, V]
-    out = []
+    out, kept = [], []
     for i in range(num_tokens):
         token = logits.argmax(dim=-1, keepdim=True) if greedy else sample_from_logits(logits, temperature)  # [B, 1]
         out.append(token)
+        if keep_logits:
+            kept.append(logits[:keep_logits])
         if i + 1 < num_tokens:
             logits = _forward(model, token, cache, 1, adapter_names)[:, -1]
-    return torch.cat(out, dim=1)
+    return torch.cat(out, dim=1), torch.stack(kept, dim=1) if keep_logits else None
 
 
 def score_continuation(model: nn.Module, cache: DynamicCache, prefix: torch.Tensor,
@@ -262,10 +269,12 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
     _forward(model, context.repeat(2, 1), cache, 1, both)
     forward_tokens = 2 * B * L0
 
-    chunks, steps = [context], []
+    chunks, steps, query_logits = [context], [], []
     for _ in range(P):
         # 1. the policy writes a query; the base model writes the counterfactual in the same passes
-        queries = sample_tokens(model, cache, q_sep.repeat(2, 1), Tq, query_temperature, greedy, both)  # [2B, Tq]
+        queries, logits = sample_tokens(model, cache, q_sep.repeat(2, 1), Tq, query_temperature, greedy, both,
+                                        keep_logits=B)  # [2B, Tq], the policy's [B, Tq, V]
+        query_logits.append(logits)
         query, cf = queries[:B], queries[B:]
         # 2. the query's embedding scores the keys left in the pool
         probs = compute_similarity(query_embeddings(model, query), batch.key_embeddings,
@@ -296,7 +305,8 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
     model.train(was_training)
     # LM head: prefills 1 each; per step and model Tq sampling positions + Tv+1 scored; base re-read 1
     logit_positions = 2 * B + P * B * (2 * (Tq + values.shape[2] + 1) + 1)
-    return Trajectory(steps, tokens, L0, step_length, q_sep.shape[1], batch, forward_tokens, logit_positions)
+    return Trajectory(steps, tokens, L0, step_length, q_sep.shape[1], batch, forward_tokens, logit_positions,
+                      torch.cat(query_logits, dim=1))
 
 
 @torch.inference_mode()
@@ -308,4 +318,4 @@ def generate_query(model: nn.Module, batch: KeyValueBatch, sep: Separators, toke
     cache = DynamicCache(config=model.config)
     _forward(model, context, cache, 1)
     prompt = sep.query.to(device).expand(batch.batch_size, -1)
-    return sample_tokens(model, cache, prompt, tokens_per_query, query_temperature, greedy)
+    return sample_tokens(model, cache, prompt, tokens_per_query, query_temperature, greedy)[0]

@@ -3,7 +3,8 @@
   4. Trajectory filtering: Welford statistics over every trajectory reward seen so far; after the
      warm-up, a trajectory is selected when its reward > mean + num_sd * SD of the statistics as they
      were *before* its batch was added.
-  5. Policy update: snapshot the adapter (the previous policy), then per micro-batch of selected
+  5. Policy update: the previous policy is the one that rolled the batch out (its logits at the query
+     positions come with the trajectory, so it costs no forward pass); per micro-batch of selected
      trajectories
         loss = -mean_traj[ R * sum_{steps, query tokens} log pi(token | state) ]
                + beta * mean_traj[ sum_{steps, query tokens} KL(pi_prev(.|state) || pi(.|state)) ]
@@ -138,6 +139,23 @@ def swapped_parameters(params: list[nn.Parameter], values: list[torch.Tensor]):
         load_values(params, saved)
 
 
+def previous_policy_logits(model: nn.Module, trajectory: Trajectory, rows: torch.Tensor, tokens: torch.Tensor,
+                           positions: torch.Tensor, params: list[nn.Parameter],
+                           previous: list[torch.Tensor] | None) -> torch.Tensor:
+    """[n, M, V] logits of the previous policy (SPEC.md §3.1.6: the one that rolled the batch out) at the
+    query positions of trajectories `rows`.
+
+    The rollout kept the logits each query token was drawn from: they are exactly these, so the
+    update needs no extra forward pass. A trajectory without them (built by hand) is re-scored with
+    the previous adapter weights `previous` swapped in.
+    """
+    if trajectory.query_logits is not None:
+        return trajectory.query_logits[rows.to(trajectory.query_logits.device)]  # a copy: an ordinary tensor
+    with torch.no_grad(), swapped_parameters(params, previous):
+        model.eval()  # the previous policy without dropout
+        return query_logits(model, tokens, positions)
+
+
 @dataclass
 class UpdateResult:
     loss: float
@@ -147,7 +165,7 @@ class UpdateResult:
     optimizer_steps: int
     skipped_steps: int  # steps whose loss or gradient was not finite (no update made)
     trained_tokens: int
-    micro_batch_kl: list[float]  # KL term of each micro-batch in order (the first is 0: previous = current)
+    micro_batch_kl: list[float]  # KL term of each micro-batch in order (the first is ~0: previous = current)
 
 
 def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory: Trajectory,
@@ -158,10 +176,10 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory
     if index.numel() == 0:
         return None
     params = adapter_parameters(model)
-    previous = [p.detach().clone() for p in params]  # the previous policy (SPEC.md §3.1.6)
     # Rollout tensors are inference tensors; clone them into ordinary ones for autograd.
     tokens_all, rewards_all = trajectory.tokens.clone(), trajectory.avg_reward.clone().float()
     positions = trajectory.query_positions.to(tokens_all.device)
+    previous = None if trajectory.query_logits is not None else [p.detach().clone() for p in params]
     micro_batches = index.split(training_batch_size)
     sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0}
     micro_kl = []
@@ -170,9 +188,7 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory
     for i, mb in enumerate(micro_batches):
         mb = mb.to(tokens_all.device)
         tokens, rewards = tokens_all[mb], rewards_all[mb]
-        with torch.no_grad(), swapped_parameters(params, previous):
-            model.eval()  # the previous policy without dropout
-            prev_logits = query_logits(model, tokens, positions)
+        prev_logits = previous_policy_logits(model, trajectory, mb, tokens, positions, params, previous)
         model.train()
         terms = reinforce_loss(query_logits(model, tokens, positions), prev_logits, tokens[:, positions], rewards,
                                beta, temperature)
@@ -195,4 +211,4 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory
     n = len(micro_batches)
     return UpdateResult(sums["loss"] / n, sums["policy_loss"] / n, sums["kl"] / n,
                         sum(norms) / len(norms) if norms else float("nan"), steps, skipped,
-                        int(index.numel()) * tokens_all.shape[1] * 2, micro_kl)
+                        int(index.numel()) * tokens_all.shape[1] * (1 if previous is None else 2), micro_kl)

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -6,8 +8,8 @@ import torch.nn.functional as F
 from attnrl_core.model import adapter_parameters, head_geometry
 from attnrl_core.rollout import rollout
 from attnrl_core.run import make_optimizer
-from attnrl_core.training import (RunningStats, kl_penalty, reinforce_loss, select_trajectories, selection_threshold,
-                                  update_policy)
+from attnrl_core.training import (RunningStats, kl_penalty, load_values, query_logits, reinforce_loss,
+                                  select_trajectories, selection_threshold, update_policy)
 
 from .conftest import SEP, make_batch, tiny_config
 
@@ -92,8 +94,27 @@ def test_kl_zero_on_first_micro_batch_then_positive(policy):
     opt = make_optimizer(policy, cfg)
     res = update_policy(policy, opt, traj, torch.tensor([True, True, True, True]), training_batch_size=2)
     assert res.optimizer_steps == 2 and len(res.micro_batch_kl) == 2
-    assert res.micro_batch_kl[0] == 0.0
-    assert res.micro_batch_kl[1] > 0.0
+    assert abs(res.micro_batch_kl[0]) < 1e-6  # the rollout's logits and the teacher-forced ones differ by rounding
+    assert res.micro_batch_kl[1] > 1e-4
+
+
+def test_rollout_logits_are_the_previous_policy(policy):
+    """The logits kept by the rollout are the teacher-forced ones, and an update from them equals one
+    that re-scores the trajectories with the previous adapter (the fallback without kept logits)."""
+    cfg, traj = _trajectory(policy, learning_rate=1e-2)
+    with torch.no_grad():
+        forced = query_logits(policy, traj.tokens, traj.query_positions)
+    torch.testing.assert_close(traj.query_logits, forced, rtol=1e-4, atol=1e-4)
+    start = [p.detach().clone() for p in adapter_parameters(policy)]
+    selected = torch.tensor([True, False, True, True])
+    kept = update_policy(policy, make_optimizer(policy, cfg), traj, selected, training_batch_size=2)
+    after_kept = [p.detach().clone() for p in adapter_parameters(policy)]
+    load_values(adapter_parameters(policy), start)
+    rescored = update_policy(policy, make_optimizer(policy, cfg), replace(traj, query_logits=None), selected,
+                             training_batch_size=2)
+    assert rescored.micro_batch_kl[1] == pytest.approx(kept.micro_batch_kl[1], rel=1e-3)
+    for a, b in zip(after_kept, adapter_parameters(policy)):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
 def test_only_adapter_parameters_change(policy):
