@@ -2,7 +2,8 @@
 
 The same batch (articles, pools, seed, greedy decoding) is rolled out two ways in one process:
 
-  cached  `rollout.rollout`: two KV caches extended step by step, logits only where needed.
+  cached  `rollout.rollout`: policy and base model decode together in one mixed-adapter batch over a KV
+          cache allocated once and extended step by step, logits only where needed.
   naive   SPEC.md read plainly: every step re-encodes the whole context with `generate` (policy, then
           the base model for the counterfactual), scores the value with separate full forward passes,
           and loops over heads for the similarity.

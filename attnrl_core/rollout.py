@@ -14,9 +14,11 @@ For a batch of B articles, in lock-step (every row has the same length at every 
   5. The base model's rows roll back and read the policy's query and value instead.
   6. r_t = mean log p_policy(value) - mean log p_base(value | counterfactual query).
 
-Policy and base model share every forward pass: one batch of 2B rows, the adapter applied to the
-first B only (PEFT's mixed-adapter batch), so each decode step reads the weights once for both.
-Their KV cache is allocated once for the final length and written in place; nothing is re-encoded.
+DESIGN.md §4's two KV caches are the two halves of one: policy and base model share every forward
+pass, 2B rows, the adapter applied to the first B only (PEFT's mixed-adapter batch), so each decode
+step reads the weights once for both. The cache is allocated once for the final length and written
+in place; nothing is re-encoded. The policy's sampling logits are kept: they are the previous
+policy of the update phase.
 Python loops run only over steps and generated tokens. Imports attnrl_core.data, .embeddings and .model.
 """
 
