@@ -153,7 +153,7 @@ class BufferedCache(DynamicCache):
         return BufferedCache(None, 0, [layer.rows(rows, length) for layer in self.layers])
 
 
-def _forward(model: nn.Module, ids: torch.Tensor, cache: DynamicCache, logits_to_keep: int,
+def _forward(model: nn.Module, ids: torch.Tensor, cache: DynamicCache, logits_to_keep: int | torch.Tensor,
              adapter_names: list[str] | None = None) -> torch.Tensor:
     extra = {} if adapter_names is None else {"adapter_names": adapter_names}
     return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep, **extra).logits
@@ -206,7 +206,9 @@ def score_continuation(model: nn.Module, cache: DynamicCache, prefix: torch.Tens
                        target: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
     """Read prefix [B, S] + target [B, T] into `cache`; return log p(target tokens) [B, T] (float32)."""
     T = target.shape[1]
-    logits = _forward(model, torch.cat([prefix, target], dim=1), cache, T + 1, adapter_names)[:, :-1].float()
+    S = prefix.shape[1]
+    predicting = torch.arange(S - 1, S + T - 1, device=target.device)  # the positions before each target token
+    logits = _forward(model, torch.cat([prefix, target], dim=1), cache, predicting, adapter_names).float()
     # log p(target) = logit(target) - logsumexp(logits): no [B, T, V] log-softmax tensor is written
     return logits.gather(-1, target[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
@@ -305,8 +307,8 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
     assert tokens.shape == (B, L0 + P * step_length), tokens.shape
     assert cache.get_seq_length() == tokens.shape[1], (cache.get_seq_length(), tokens.shape)
     model.train(was_training)
-    # LM head: prefills 1 each; per step and model Tq sampling positions + Tv+1 scored; base re-read 1
-    logit_positions = 2 * B + P * B * (2 * (Tq + values.shape[2] + 1) + 1)
+    # LM head: prefills 1 each; per step and model Tq sampling positions + Tv scored; base re-read 1
+    logit_positions = 2 * B + P * B * (2 * (Tq + values.shape[2]) + 1)
     return Trajectory(steps, tokens, L0, step_length, q_sep.shape[1], batch, forward_tokens, logit_positions,
                       torch.cat(query_logits, dim=1))
 
