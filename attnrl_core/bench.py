@@ -35,7 +35,7 @@ from .data import KeyValueBatch, Separators, encode_separators, iter_key_value_b
 from .embeddings import key_embedding_fn, query_embeddings
 from .model import HeadGeometry, attach_adapter, base_model, head_geometry, load_policy, resolve_device
 from .rollout import initial_context, rollout
-from .run import make_optimizer
+from .run import make_optimizer, peak_memory_bytes
 from .training import update_policy
 
 
@@ -129,15 +129,6 @@ def _reset_peak(device: torch.device) -> None:
             pass
 
 
-def _peak(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 # -- the benchmark ---------------------------------------------------------------------------------------------
 PRESETS = {  # SPEC.md's batch sizes: on a CPU too, 64 rows per weight read is where decoding pays
     "embedded": {"preset": "embedded", "generation_batch_size": 64, "training_batch_size": 16},
@@ -172,7 +163,7 @@ def _timed(device, fn):
     t = time.perf_counter()
     out = fn()
     _sync(device)
-    return out, _Timed(time.perf_counter() - t, _peak(device))
+    return out, _Timed(time.perf_counter() - t, peak_memory_bytes(device))
 
 
 def run_benchmark(preset: str = "embedded", skip_naive: bool = False, **overrides) -> dict:

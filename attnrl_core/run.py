@@ -71,13 +71,21 @@ def hardware_state(device: torch.device) -> str:
         gib = 1024**3
         return (f"CUDA {torch.cuda.get_device_name(device)}: allocated {torch.cuda.memory_allocated(device) / gib:.2f} GiB, "
                 f"reserved {torch.cuda.memory_reserved(device) / gib:.2f} GiB, "
-                f"peak {torch.cuda.max_memory_allocated(device) / gib:.2f} GiB")
+                f"peak {peak_memory_bytes(device) / gib:.2f} GiB")
     return f"CPU: peak RSS {peak_memory_bytes(device) / 1024**3:.2f} GiB, {torch.get_num_threads()} threads"
 
 
 def peak_memory_bytes(device: torch.device) -> int:
+    """Peak CUDA memory allocated (GPU) or peak resident set size of this process (CPU), since the last
+    reset (`torch.cuda.reset_peak_memory_stats`; on Linux, writing 5 to /proc/self/clear_refs)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:  # VmHWM follows a clear_refs reset; ru_maxrss (the fallback off Linux) does not
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
