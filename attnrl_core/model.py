@@ -1,4 +1,4 @@
-"""Base model + one LoRA adapter, head geometry, and the adapter on/off switch.
+"""Base model + one LoRA adapter, head geometry, and the adapter on/off switch (whole model or per row).
 
 The base model is the same weights with the adapter disabled (`base_model(model)`), never a second
 copy (TRL's reference-model trick). Imports attnrl_core.config and attnrl_core.assets only.
@@ -80,6 +80,15 @@ def base_model(model: nn.Module):
             yield model
     else:
         yield model
+
+
+def policy_and_base(model: nn.Module, B: int) -> list[str] | None:
+    """PEFT `adapter_names` for one batch of 2B rows: the adapter on the first B (the policy), off
+    (`__base__`, the pre-trained model) on the rest. None for a model without an adapter, where both
+    halves are the same model anyway (as in `base_model`)."""
+    if not hasattr(model, "disable_adapter"):
+        return None
+    return [model.active_adapter] * B + ["__base__"] * B
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -34,7 +34,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from .data import KeyValueBatch, Separators
 from .embeddings import compute_similarity, query_embeddings
-from .model import HeadGeometry, base_model
+from .model import HeadGeometry, base_model, policy_and_base
 
 
 @dataclass
@@ -157,14 +157,6 @@ def _forward(model: nn.Module, ids: torch.Tensor, cache: DynamicCache, logits_to
              adapter_names: list[str] | None = None) -> torch.Tensor:
     extra = {} if adapter_names is None else {"adapter_names": adapter_names}
     return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep, **extra).logits
-
-
-def policy_and_base(model: nn.Module, B: int) -> list[str] | None:
-    """PEFT `adapter_names` for a batch of 2B rows: the adapter on the first B, off (`__base__`) on the rest.
-    None for a model without an adapter, where both halves are the same model anyway."""
-    if not hasattr(model, "active_adapter"):
-        return None
-    return [model.active_adapter] * B + ["__base__"] * B
 
 
 def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
