@@ -2,6 +2,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from attnrl_core.bench import _naive_value_logprob  # mean log-prob of the last Tv tokens, re-encoding all
 from attnrl_core.model import base_model, head_geometry
 from attnrl_core.rollout import BufferedCache, calculate_reward, initial_context, rollout, sample_from_logits
 
@@ -14,12 +15,6 @@ def _run(policy, greedy=False, seed=0, **cfg_overrides):
     torch.manual_seed(seed)
     traj = rollout(policy, batch, SEP, head_geometry(policy), tokens_per_query=cfg.tokens_per_query, greedy=greedy)
     return cfg, batch, traj
-
-
-def _value_logprobs(model, seq, Tv):
-    """Mean log-prob of the last Tv tokens of seq [B, L], re-encoding everything (no cache)."""
-    logits = model(input_ids=seq, use_cache=False).logits[:, -Tv - 1:-1]
-    return F.log_softmax(logits.float(), -1).gather(-1, seq[:, -Tv:, None]).squeeze(-1).mean(1)
 
 
 def test_shapes_and_lockstep_lengths(policy):
@@ -68,16 +63,16 @@ def test_cached_logprobs_equal_re_encoding(policy):
     with torch.no_grad():
         for t, s in enumerate(traj.steps):
             end = traj.initial_length + (t + 1) * traj.step_length
-            torch.testing.assert_close(_value_logprobs(policy, traj.tokens[:, :end], Tv), s.policy_logprob,
+            torch.testing.assert_close(_naive_value_logprob(policy, traj.tokens[:, :end], Tv), s.policy_logprob,
                                        rtol=1e-4, atol=1e-4)
             # the counterfactual: the base model after its own query in the same context
             ctx = traj.tokens[:, :end - traj.step_length]
             cf_seq = torch.cat([ctx, SEP.query.expand(len(rows), -1), s.counterfactual_tokens,
                                 SEP.response.expand(len(rows), -1), batch.value_tokens[rows, s.selected]], dim=1)
             with base_model(policy):
-                base = _value_logprobs(policy, cf_seq, Tv)
+                base = _naive_value_logprob(policy, cf_seq, Tv)
             torch.testing.assert_close(base, s.base_logprob, rtol=1e-4, atol=1e-4)
-            adapter_on = _value_logprobs(policy, cf_seq, Tv)
+            adapter_on = _naive_value_logprob(policy, cf_seq, Tv)
             assert not torch.allclose(adapter_on, s.base_logprob, atol=1e-3)  # so it really was adapter-off
 
 
