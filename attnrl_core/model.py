@@ -10,6 +10,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import EMBEDDED_MODEL, TrainConfig
@@ -44,12 +45,48 @@ def load_tokenizer(cfg: TrainConfig):
     return AutoTokenizer.from_pretrained(_source(cfg.tokenizer_name or cfg.model_name))
 
 
+# -- attention ---------------------------------------------------------------------------------------
+GQA_SDPA = "sdpa_gqa"
+
+
+def _sdpa_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                        **kwargs):
+    """transformers' SDPA attention, except that on the CPU a masked multi-token read hands the grouped
+    key/value heads to the kernel as they are (`enable_gqa`).
+
+    With a mask, transformers repeats the key/value heads first (CUDA's fast kernels need that), which
+    copies the whole KV cache in every layer each time the rollout reads a prompt or a value onto a
+    cache: a fifth of a B=64 CPU rollout. The CPU flash kernel takes the groups directly, with the
+    same result.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if (query.device.type == "cpu" and attention_mask is not None and query.shape[2] > 1
+            and getattr(module, "num_key_value_groups", 1) > 1 and kwargs.get("position_bias") is None):
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                             scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def gqa_attention() -> str:
+    """Register `_sdpa_gqa_attention` (with SDPA's masks) with transformers; returns its name for
+    `attn_implementation` / `set_attn_implementation`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(GQA_SDPA, _sdpa_gqa_attention)
+    AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)
+    return GQA_SDPA
+
+
 def load_base_model(cfg: TrainConfig, device: torch.device | None = None) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     device = device or resolve_device(cfg)
     model = AutoModelForCausalLM.from_pretrained(_source(cfg.model_name), dtype=resolve_dtype(cfg, device),
-                                                 attn_implementation="sdpa")
+                                                 attn_implementation=gqa_attention())
     return model.to(device).eval()
 
 

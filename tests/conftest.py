@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from attnrl_core.config import TrainConfig
 from attnrl_core.data import KeyValueBatch, Separators, add_embeddings, sample_chunks, split_key_values
 from attnrl_core.embeddings import key_embedding_fn
-from attnrl_core.model import attach_adapter
+from attnrl_core.model import attach_adapter, gqa_attention
 
 VOCAB = 320
 
@@ -20,7 +20,9 @@ def tiny_llama(vocab_size: int = VOCAB, layers: int = 2, seed: int = 0) -> Llama
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=96, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=6, num_key_value_heads=2, head_dim=16, bos_token_id=1,
                          max_position_embeddings=1024)
-    return LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval()
+    model.set_attn_implementation(gqa_attention())  # the attention `load_base_model` gives the real model
+    return model
 
 
 def tiny_config(**overrides) -> TrainConfig:

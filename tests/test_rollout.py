@@ -3,10 +3,10 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from attnrl_core.bench import _naive_value_logprob  # mean log-prob of the last Tv tokens, re-encoding all
-from attnrl_core.model import base_model, head_geometry
+from attnrl_core.model import GQA_SDPA, base_model, head_geometry
 from attnrl_core.rollout import BufferedCache, calculate_reward, initial_context, rollout, sample_from_logits
 
-from .conftest import SEP, make_batch, tiny_config, tiny_llama
+from .conftest import SEP, VOCAB, make_batch, tiny_config, tiny_llama
 
 
 def _run(policy, greedy=False, seed=0, **cfg_overrides):
@@ -125,3 +125,22 @@ def test_buffered_cache_rows_are_written_in_place():
     for got, want in zip(cache.layers, expected.layers):
         torch.testing.assert_close(got.keys, want.keys, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got.values, want.values, rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_attention_reads_onto_a_cache_like_sdpa_without_repeating_heads(monkeypatch):
+    import transformers.integrations.sdpa_attention as sdpa
+
+    repeats = []
+    repeat_kv = sdpa.repeat_kv
+    monkeypatch.setattr(sdpa, "repeat_kv", lambda x, n: repeats.append(n) or repeat_kv(x, n))
+    model = tiny_llama()
+    ids = torch.randint(10, VOCAB, (3, 12), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for impl in ("sdpa", GQA_SDPA):
+        model.set_attn_implementation(impl)
+        repeats.clear()
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :7], past_key_values=cache, use_cache=True)
+        logits[impl] = model(input_ids=ids[:, 7:], past_key_values=cache, use_cache=True).logits  # a masked read
+        assert bool(repeats) == (impl == "sdpa"), (impl, repeats)  # GQA: the kernel takes the 2 KV heads as they are
+    torch.testing.assert_close(logits[GQA_SDPA], logits["sdpa"])
