@@ -156,6 +156,11 @@ class BufferedCache(DynamicCache):
 def _forward(model: nn.Module, ids: torch.Tensor, cache: DynamicCache, logits_to_keep: int | torch.Tensor,
              adapter_names: list[str] | None = None) -> torch.Tensor:
     extra = {} if adapter_names is None else {"adapter_names": adapter_names}
+    S = ids.shape[1]
+    if isinstance(logits_to_keep, int) and 0 < logits_to_keep < S:
+        # the last positions by index, not by slice: a slice of [B, S, H] is strided, and the LM head then runs
+        # as a batched matmul over B copies of its weight (8x slower than one matmul on the CPU)
+        logits_to_keep = torch.arange(S - logits_to_keep, S, device=ids.device)
     return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep, **extra).logits
 
 
