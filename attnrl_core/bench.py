@@ -35,7 +35,7 @@ from .data import KeyValueBatch, Separators, encode_separators, iter_key_value_b
 from .embeddings import key_embedding_fn, query_embeddings
 from .model import HeadGeometry, attach_adapter, base_model, head_geometry, load_policy, resolve_device
 from .rollout import initial_context, rollout
-from .run import make_optimizer, peak_memory_bytes
+from .run import keep_freed_memory, make_optimizer, peak_memory_bytes
 from .training import update_policy
 
 
@@ -170,6 +170,7 @@ def run_benchmark(preset: str = "embedded", skip_naive: bool = False, **override
     spec = dict(PRESETS[preset])
     cfg = TrainConfig.from_preset(spec.pop("preset"), **{**spec, **overrides})
     device = resolve_device(cfg)
+    keep_freed_memory(device)
     torch.manual_seed(cfg.seed)
     if preset == "llama-3.2-3b-shape":
         model, tokenizer = _llama_3b_shape(cfg, device)

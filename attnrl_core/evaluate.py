@@ -98,7 +98,7 @@ def evaluate(run_dir: str | Path, checkpoint: int | None = None, num_articles: i
              write: bool = True) -> dict:
     """Score a run's checkpoint against the baselines; write DIR/eval/episode-N.{json,png}."""
     run_dir = Path(run_dir)
-    from .run import load_run
+    from .run import keep_freed_memory, load_run
 
     cfg, _, _ = load_run(run_dir)
     if checkpoint is None:
@@ -110,6 +110,7 @@ def evaluate(run_dir: str | Path, checkpoint: int | None = None, num_articles: i
         if not path.is_dir():
             raise ValueError(f"{path} does not exist: pick one of {run_dir / 'checkpoints'}")
     device = resolve_device(cfg)
+    keep_freed_memory(device)
     model, tokenizer = load_policy(cfg, device)
     load_adapter(path, model)
     batch = heldout_batch(cfg, tokenizer, key_embedding_fn(model, device), num_articles, seed)

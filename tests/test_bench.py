@@ -31,3 +31,13 @@ def test_naive_head_loop_equals_batched_similarity():
 
     torch.testing.assert_close(_naive_similarity(q, k, Geo, 1.5, available),
                                compute_similarity(q, k, 6, 2, 1.5, available), rtol=1e-5, atol=1e-6)
+
+
+def test_keep_freed_memory_applies_on_a_linux_cpu_only():
+    import platform
+
+    from attnrl_core.run import keep_freed_memory
+
+    linux_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory(torch.device("cpu")) == linux_glibc
+    assert not keep_freed_memory(torch.device("cuda"))  # GPU runs leave the host allocator alone
