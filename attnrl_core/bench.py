@@ -37,7 +37,7 @@ from .model import (HeadGeometry, adapter_parameters, attach_adapter, base_model
                     resolve_device)
 from .rollout import initial_context, rollout
 from .run import keep_freed_memory, make_optimizer, peak_memory_bytes
-from .training import load_values, update_policy
+from .training import load_values, read_length, update_policy
 
 
 # -- the naive reference path ------------------------------------------------------------------------
@@ -220,7 +220,7 @@ def run_benchmark(preset: str = "embedded", skip_naive: bool = False, **override
     upd, t_update = _timed(device, lambda: update_policy(model, optimizer, traj, selected,
                                                          training_batch_size=cfg.training_batch_size,
                                                          beta=cfg.kl_beta, max_grad_norm=cfg.max_grad_norm))
-    trained_tokens = B * traj.tokens.shape[1]
+    trained_tokens = B * read_length(traj.query_positions)  # what the update reads
     query_positions = B * traj.query_positions.numel()
     result["update_seconds"] = t_update.seconds
     result["update_tokens_per_second"] = trained_tokens / t_update.seconds

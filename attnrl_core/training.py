@@ -117,8 +117,18 @@ def reinforce_loss(current_logits: torch.Tensor, previous_logits: torch.Tensor, 
 
 
 def query_logits(model: nn.Module, tokens: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced logits [n, M, V] predicting the tokens at `query_positions` [M] of `tokens` [n, L]."""
-    return model(input_ids=tokens, use_cache=False, logits_to_keep=query_positions - 1).logits
+    """Teacher-forced logits [n, M, V] predicting the tokens at `query_positions` [M] of `tokens` [n, L].
+
+    Reads `tokens` only up to the last query token (`read_length`): the causal model's logits there do not
+    depend on the value after it, which would be a sixth of the update's work at two steps.
+    """
+    end = read_length(query_positions)
+    return model(input_ids=tokens[:, :end], use_cache=False, logits_to_keep=query_positions - 1).logits
+
+
+def read_length(query_positions: torch.Tensor) -> int:
+    """Tokens a teacher-forced pass must read to predict every query token: up to the last one's position."""
+    return int(query_positions.max())
 
 
 @torch.no_grad()
@@ -211,4 +221,4 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory
     n = len(micro_batches)
     return UpdateResult(sums["loss"] / n, sums["policy_loss"] / n, sums["kl"] / n,
                         sum(norms) / len(norms) if norms else float("nan"), steps, skipped,
-                        int(index.numel()) * tokens_all.shape[1] * (1 if previous is None else 2), micro_kl)
+                        int(index.numel()) * read_length(positions) * (1 if previous is None else 2), micro_kl)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from attnrl_core.model import adapter_parameters, head_geometry
 from attnrl_core.rollout import rollout
 from attnrl_core.run import make_optimizer
-from attnrl_core.training import (RunningStats, kl_penalty, load_values, query_logits, reinforce_loss,
+from attnrl_core.training import (RunningStats, kl_penalty, load_values, query_logits, read_length, reinforce_loss,
                                   select_trajectories, selection_threshold, update_policy)
 
 from .conftest import SEP, make_batch, tiny_config
@@ -115,6 +115,16 @@ def test_rollout_logits_are_the_previous_policy(policy):
     assert rescored.micro_batch_kl[1] == pytest.approx(kept.micro_batch_kl[1], rel=1e-3)
     for a, b in zip(after_kept, adapter_parameters(policy)):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_query_logits_read_only_up_to_the_last_query(policy):
+    """The teacher-forced pass stops at the last query token; its logits equal those of the whole sequence."""
+    _, traj = _trajectory(policy)
+    positions = traj.query_positions
+    assert read_length(positions) == int(positions[-1]) < traj.tokens.shape[1]  # the last value is not read
+    with torch.no_grad():
+        whole = policy(input_ids=traj.tokens, use_cache=False).logits[:, positions - 1]
+        torch.testing.assert_close(query_logits(policy, traj.tokens, positions), whole, rtol=1e-5, atol=1e-5)
 
 
 def test_only_adapter_parameters_change(policy):
