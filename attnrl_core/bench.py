@@ -14,8 +14,10 @@ only where logits are computed; attention scores are excluded:
   rollout: 2N per token the cached path reads + 2VH per logit position (its minimal work; the naive
            path is charged the same useful work, so its extra re-encoding shows up as lower throughput)
   update:  4N per trained token + 4VH per query position = 2 (forward) + 2 (backward to the activations;
-           the frozen base needs no weight gradients); the previous policy's logits come with the rollout
-and are compared with the machine's own measured matmul rate (fp32 on CPU, bf16 on GPU).
+           the frozen base needs no weight gradients); a trained token is one the update reads (up to
+           each trajectory's last query token); the previous policy's logits come with the rollout
+and are compared with the machine's own measured matmul rate (fp32 on CPU, bf16 on GPU). Each phase
+is timed after one untimed run of the same size: the steady state of a long run.
 """
 
 from __future__ import annotations
