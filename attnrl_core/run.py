@@ -97,7 +97,7 @@ def keep_freed_memory(device: torch.device) -> bool:
 
     glibc serves every block above 32 MB with a fresh `mmap` and unmaps it when freed, so each large
     tensor, a [rows, vocabulary] logits tensor or an activation of the update, page-faults all of its
-    pages in again every time: about 15% of a rollout and 20% of an update on the development CPU
+    pages in again every time: about 15% of a rollout and 10-20% of an update on the development CPU
     (BENCHMARKS.md). Served from the heap and not trimmed, freed blocks are reused. The price is that
     the process keeps up to its peak resident size, which it reaches again every episode anyway.
     """
