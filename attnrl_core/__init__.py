@@ -1,7 +1,29 @@
 """attnrl_core: attention-guided RL for self-directed language-model training.
 
 Data flows one way: config -> data -> model (+ embeddings) -> rollout -> training -> run directory.
-Modules: config, assets, data, model, embeddings, rollout, training, checkpoint, run, viz.
+
+Modules, lowest first (each imports only modules above it):
+  config      TrainConfig, presets, the command-line form
+  files       durable writes: atomic replace, synced appends, torn-line-tolerant JSON lines
+  host        seeding, CPU allocator, peak memory, hardware summary
+  assets      the embedded model and Wikipedia sample, built once into a cache
+  data        articles -> token tensors -> key/value batches
+  model       base model + LoRA adapter, head geometry, adapter on/off
+  embeddings  query/key embeddings and the GQA-aware similarity
+  rollout     batched trajectories (policy and base model in one batch) and rewards
+  accounting  tokens and FLOPs of a rollout and an update, from shapes
+  diagnostics selection diagnostics and paired statistics (pure)
+  training    filter, loss, update, optimizer
+  resilience  out-of-memory fallbacks around rollout and update
+  checkpoint  atomic, hashed checkpoints
+  rundir      the run directory's format: metrics, trajectory records, reading a run
+  tracking    optional TensorBoard / trackio / W&B reporting
+  viz         figures
+  evaluate    held-out comparison with baselines
+  run         the training loop
+  bench       throughput against a naive path and the hardware
+  doctor      environment checks
+  __main__    the command line
 """
 
 __version__ = "0.1.0"

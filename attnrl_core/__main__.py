@@ -1,6 +1,8 @@
-"""Command line: `python -m attnrl_core {train,prepare} ...`; `python -m attnrl_core --help` lists them.
+"""Command line: `python -m attnrl_core COMMAND ...`; `python -m attnrl_core --help` lists the commands.
 
-Bad input ends with one line naming the problem and the fix, exit code 2, and nothing written.
+Bad input ends with one line naming the problem and the fix, exit code 2, and nothing written. Each
+command imports its module when it runs, so `--help` and a refused flag answer without loading torch.
+Imports attnrl_core.config (and, per command, .run, .assets, .evaluate, .bench or .doctor).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 from .config import TrainConfig, add_config_arguments, config_from_args
 
@@ -17,8 +20,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .run import train
 
     if args.resume:
-        from pathlib import Path
-
         if not args.output_dir:
             raise ValueError("--resume needs --output_dir DIR of the run to continue")
         stored = Path(args.output_dir) / "config.json"

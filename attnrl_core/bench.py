@@ -9,15 +9,12 @@ The same batch (articles, pools, seed, greedy decoding) is rolled out two ways i
           and loops over heads for the similarity.
 
 Both must choose the same pairs and give the same rewards (to float tolerance). Useful model FLOPs
-use the dense-transformer estimate with N = non-embedding parameters and the LM head (V x H) counted
-only where logits are computed; attention scores are excluded:
-  rollout: 2N per token the cached path reads + 2VH per logit position (its minimal work; the naive
-           path is charged the same useful work, so its extra re-encoding shows up as lower throughput)
-  update:  4N per trained token + 4VH per query position = 2 (forward) + 2 (backward to the activations;
-           the frozen base needs no weight gradients); a trained token is one the update reads (up to
-           each trajectory's last query token); the previous policy's logits come with the rollout
-and are compared with the machine's own measured matmul rate (fp32 on CPU, bf16 on GPU). Each phase
-is timed after one untimed run of the same size: the steady state of a long run.
+come from `accounting` (the cached path's minimal work; the naive path is charged the same useful
+work, so its extra re-encoding shows up as lower throughput; a trained token is one the update reads,
+up to each trajectory's last query token) and are compared with the machine's own measured matmul
+rate (fp32 on CPU, bf16 on GPU). Each phase is timed after one untimed run of the same size: the
+steady state of a long run.
+Imports attnrl_core.accounting, .config, .data, .embeddings, .host, .model, .rollout and .training.
 """
 
 from __future__ import annotations
@@ -26,20 +23,20 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from .config import TrainConfig
+from .accounting import forward_flops, rollout_work, training_flops, update_work
+from .config import EMBEDDED_DATASET, TrainConfig
 from .data import KeyValueBatch, Separators, encode_separators, iter_key_value_batches
 from .embeddings import key_embedding_fn, query_embeddings
+from .host import keep_freed_memory, peak_memory_bytes, reset_peak_memory, synchronize
 from .model import (HeadGeometry, adapter_parameters, attach_adapter, base_model, head_geometry, load_policy,
-                    resolve_device)
+                    load_tokenizer, resolve_device, resolve_dtype)
 from .rollout import initial_context, rollout
-from .run import keep_freed_memory, make_optimizer, peak_memory_bytes
-from .training import load_values, read_length, update_policy
+from .training import load_values, make_optimizer, read_length, update_policy
 
 
 # -- the naive reference path ------------------------------------------------------------------------
@@ -69,7 +66,7 @@ def _naive_similarity(q: torch.Tensor, k: torch.Tensor, geo: HeadGeometry, tempe
 
 @torch.inference_mode()
 def naive_rollout(model, batch: KeyValueBatch, sep: Separators, geo: HeadGeometry, tokens_per_query: int,
-                  temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                  similarity_temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy rollout without caches across steps: (chosen pairs [B, P], rewards [B, P])."""
     model.eval()
     device = batch.key_embeddings.device
@@ -84,7 +81,8 @@ def naive_rollout(model, batch: KeyValueBatch, sep: Separators, geo: HeadGeometr
     for _ in range(batch.pool.shape[1]):
         prompt = torch.cat([context, q_sep], dim=1)
         query = _naive_generate(model, prompt, tokens_per_query)
-        probs = _naive_similarity(query_embeddings(model, query), batch.key_embeddings, geo, temperature, available)
+        probs = _naive_similarity(query_embeddings(model, query), batch.key_embeddings, geo, similarity_temperature,
+                                  available)
         choice = probs.argmax(dim=1)
         available[rows, choice] = False
         value = values[rows, choice]
@@ -109,27 +107,12 @@ def matmul_flops_per_second(device: torch.device, size: int = 2048, repeats: int
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
-    _sync(device)
+    synchronize(device)
     t = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    _sync(device)
+    synchronize(device)
     return 2 * size**3 * repeats / (time.perf_counter() - t)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try:  # Linux: "5" resets the peak resident set size (VmHWM) of this process
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
 
 
 # -- the benchmark ---------------------------------------------------------------------------------------------
@@ -141,10 +124,6 @@ PRESETS = {  # SPEC.md's batch sizes: on a CPU too, 64 rows per weight read is w
 
 def _llama_3b_shape(cfg: TrainConfig, device: torch.device):
     """Random weights in Llama-3.2-3B's shape (no download): speed and memory are honest, text is not."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from .model import load_tokenizer, resolve_dtype
-
     config = LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
                          num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
                          rope_theta=500000.0, max_position_embeddings=131072, bos_token_id=128000)
@@ -161,11 +140,11 @@ class _Timed:
 
 
 def _timed(device, fn):
-    _reset_peak(device)
-    _sync(device)
+    reset_peak_memory(device)
+    synchronize(device)
     t = time.perf_counter()
     out = fn()
-    _sync(device)
+    synchronize(device)
     return out, _Timed(time.perf_counter() - t, peak_memory_bytes(device))
 
 
@@ -177,14 +156,14 @@ def run_benchmark(preset: str = "embedded", skip_naive: bool = False, **override
     torch.manual_seed(cfg.seed)
     if preset == "llama-3.2-3b-shape":
         model, tokenizer = _llama_3b_shape(cfg, device)
-        cfg = cfg.replace(dataset_name="embedded:gensim-enwiki", dataset_config="")
+        cfg = cfg.replace(dataset_name=EMBEDDED_DATASET, dataset_config="")
     else:
         model, tokenizer = load_policy(cfg, device)
     sep, geo = encode_separators(tokenizer), head_geometry(model)
     params = sum(p.numel() for p in model.parameters())
     batch = next(iter_key_value_batches(cfg, tokenizer, key_embedding_fn(model, device)))
     B = batch.batch_size
-    kwargs = dict(tokens_per_query=cfg.tokens_per_query, temperature=cfg.temperature, greedy=True)
+    kwargs = dict(tokens_per_query=cfg.tokens_per_query, similarity_temperature=cfg.temperature, greedy=True)
 
     # Each phase is timed after one untimed run of the same size: a long run's steady state. The first
     # episode of a run also pays for growing the heap (and CUDA's caching allocator) to the phase's peak.
@@ -195,7 +174,8 @@ def run_benchmark(preset: str = "embedded", skip_naive: bool = False, **override
               "steps": batch.pool.shape[1], "params": params}
     result["flop_formula"] = ("rollout 2N/token read + 2VH/logit; update 4N/trained token + 4VH/query position; "
                               "N = non-embedding params")
-    tokens_read = traj.forward_tokens
+    rollout_cost = rollout_work(traj)
+    tokens_read = rollout_cost.tokens
     result["rollout_seconds"] = t_cached.seconds
     result["rollout_trajectories_per_second"] = B / t_cached.seconds
     result["rollout_tokens_per_second"] = tokens_read / t_cached.seconds
@@ -203,7 +183,7 @@ def run_benchmark(preset: str = "embedded", skip_naive: bool = False, **override
     if not skip_naive:
         (chosen, rewards), t_naive = _timed(device, lambda: naive_rollout(model, batch, sep, geo, cfg.tokens_per_query,
                                                                           cfg.temperature))
-        same_pairs = torch.equal(chosen.cpu(), torch.stack([s.selected for s in traj.steps], 1).cpu())
+        same_pairs = torch.equal(chosen.cpu(), traj.choices.cpu())
         result["naive_seconds"] = t_naive.seconds
         result["naive_trajectories_per_second"] = B / t_naive.seconds
         result["speedup_vs_naive"] = t_naive.seconds / t_cached.seconds
@@ -222,8 +202,8 @@ def run_benchmark(preset: str = "embedded", skip_naive: bool = False, **override
     upd, t_update = _timed(device, lambda: update_policy(model, optimizer, traj, selected,
                                                          training_batch_size=cfg.training_batch_size,
                                                          beta=cfg.kl_beta, max_grad_norm=cfg.max_grad_norm))
-    trained_tokens = B * read_length(traj.query_positions)  # what the update reads
-    query_positions = B * traj.query_positions.numel()
+    update_cost = update_work(B, read_length(traj.query_positions), traj.query_positions.numel())
+    trained_tokens = update_cost.tokens  # what the update reads
     result["update_seconds"] = t_update.seconds
     result["update_tokens_per_second"] = trained_tokens / t_update.seconds
     result["update_peak_memory_bytes"] = t_update.peak_bytes
@@ -231,8 +211,8 @@ def run_benchmark(preset: str = "embedded", skip_naive: bool = False, **override
     peak = matmul_flops_per_second(device)
     vh = model.config.vocab_size * model.config.hidden_size
     non_embedding = params - vh * (1 if model.config.tie_word_embeddings else 2)
-    rollout_flops = 2 * non_embedding * tokens_read + 2 * vh * traj.logit_positions
-    update_flops = 4 * non_embedding * trained_tokens + 4 * vh * query_positions
+    rollout_flops = forward_flops(rollout_cost, non_embedding, vh)
+    update_flops = training_flops(update_cost, non_embedding, vh)
     result["matmul_flops_per_second"] = peak
     result["rollout_flops_per_second"] = rollout_flops / t_cached.seconds
     result["update_flops_per_second"] = update_flops / t_update.seconds

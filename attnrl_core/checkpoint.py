@@ -4,13 +4,16 @@
 `adapter_config.json`, loadable with `PeftModel.from_pretrained`), `optimizer.pt` (tensors only,
 loaded with `weights_only=True`), `state.json` (episode, running statistics, data position, Python and
 NumPy RNG states), `rng.safetensors` (torch CPU/CUDA RNG states) and `manifest.json` (size and
-SHA-256 of every other file). Imports nothing from attnrl_core.
+SHA-256 of every other file). Every file is fsynced before the folder is renamed into place, the
+parent directory after; a checkpoint of the same episode is replaced by an exchange, so no kill leaves
+fewer valid checkpoints than there were. Imports attnrl_core.files only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -19,9 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from .files import fsync_dir, fsync_file, replace_dir
+
 MANIFEST = "manifest.json"
+log = logging.getLogger("attnrl")
 
 
 def _sha256(path: Path) -> str:
@@ -73,11 +80,10 @@ def save_checkpoint(run_dir: Path, episode: int, model, optimizer, state: dict, 
     manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     for p in files + [tmp / MANIFEST]:
-        with open(p, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():  # a re-run of the same episode after a resume: replace it whole
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+        fsync_file(p)
+    fsync_dir(tmp)
+    replace_dir(tmp, final)  # a re-run of the same episode after a resume replaces it whole
+    log.info("checkpoint %s written", final.name)
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -124,8 +130,6 @@ def latest_valid_checkpoint(run_dir: Path) -> Path | None:
 
 def load_adapter(path: Path, model) -> None:
     """Load a checkpoint's adapter weights into a model that has the same adapter attached."""
-    from peft import set_peft_model_state_dict
-
     set_peft_model_state_dict(model, load_file(Path(path) / "adapter_model.safetensors"))
 
 

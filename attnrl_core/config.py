@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 EMBEDDED_MODEL = "embedded:smollm2-135m"
 EMBEDDED_DATASET = "embedded:gensim-enwiki"
 HUB_DATASETS = {"wikimedia/wikipedia": "20231101.en", "wikipedia": "20220301.en"}
@@ -162,8 +164,6 @@ class TrainConfig:
         try:
             text = path.read_text()
             if path.suffix in (".yaml", ".yml"):
-                import yaml
-
                 data = yaml.safe_load(text)
             else:
                 data = json.loads(text)

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
+from datasets import load_dataset
 
+from .assets import embedded_dataset_file
 from .config import EMBEDDED_DATASET, TrainConfig
 
 QUERY_SEPARATOR = " Query:"
@@ -40,7 +42,9 @@ class Separators:
 def encode_separators(tokenizer) -> Separators:
     def enc(text: str) -> torch.Tensor:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        assert ids and tokenizer.decode(ids) == text, f"{text!r} does not round-trip through the tokenizer"
+        if not ids or tokenizer.decode(ids) != text:
+            raise ValueError(f"the separator {text!r} does not round-trip through the tokenizer "
+                             f"{type(tokenizer).__name__}: use a tokenizer that encodes it losslessly")
         return torch.tensor(ids, dtype=torch.long)
 
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
@@ -61,11 +65,7 @@ class DataPosition:
 
 def load_article_stream(cfg: TrainConfig, epoch: int = 0):
     """A `datasets` IterableDataset of articles (`id, url, title, text`), shuffled per pass when local."""
-    from datasets import load_dataset
-
     if cfg.dataset_name == EMBEDDED_DATASET:
-        from .assets import embedded_dataset_file
-
         ds = load_dataset("parquet", data_files={"train": str(embedded_dataset_file())}, split="train",
                           streaming=True)
         # The sample is small and is read many times: a fresh order every pass, reproducible by seed.
@@ -202,13 +202,14 @@ class KeyValueBatch:
                              self.article_ids[start:stop], self.titles[start:stop], emb, self.position)
 
 
-def iter_pair_batches(tokenized: Iterable[tuple[dict, torch.Tensor]], cfg: TrainConfig,
+def iter_pair_batches(tokenized: Iterable[tuple[dict, torch.Tensor]], cfg: TrainConfig, batch_size: int,
                       position: DataPosition | None = None,
                       generator: torch.Generator | None = None) -> Iterator[KeyValueBatch]:
-    """Group tokenised articles into `KeyValueBatch`es of `generation_batch_size` with sampled pools."""
+    """Group tokenised articles into `KeyValueBatch`es of `batch_size` rows, cut into `cfg`'s pairs, with
+    sampled pools."""
     it = iter(tokenized)
-    while chunk := list(itertools.islice(it, cfg.generation_batch_size)):
-        if len(chunk) < cfg.generation_batch_size:
+    while chunk := list(itertools.islice(it, batch_size)):
+        if len(chunk) < batch_size:
             return  # a finite stream's remainder would break the fixed batch shape
         tokens = torch.stack([t for _, t in chunk])  # [B, N*(Tk+Tv)]
         keys, values = split_key_values(tokens, cfg.num_kv_pairs, cfg.tokens_per_key, cfg.tokens_per_value)
@@ -228,15 +229,24 @@ def add_embeddings(batches: Iterable[KeyValueBatch],
         yield batch
 
 
+def long_articles(cfg: TrainConfig, tokenizer, split: str = "train", min_tokens: int | None = None,
+                  passes: int | None = None, start: DataPosition | None = None,
+                  position: DataPosition | None = None) -> Iterator[tuple[dict, torch.Tensor]]:
+    """The one entry point for "long-enough articles of a split": (article, ids [min_tokens]) for each
+    article of `split` with at least `min_tokens` tokens (default `cfg.min_article_tokens`), tokenised one
+    at a time so that `position` after an article is exactly the articles consumed."""
+    articles = iter_wikipedia_articles(cfg, start=start, position=position, split=split, passes=passes)
+    return tokenize_articles(articles, tokenizer, min_tokens or cfg.min_article_tokens, cfg.max_scan_articles,
+                             batch_size=1)
+
+
 def iter_key_value_batches(cfg: TrainConfig, tokenizer, embed_fn: Callable[[torch.Tensor], torch.Tensor] | None,
                            start: DataPosition | None = None, generator: torch.Generator | None = None,
                            split: str = "train", passes: int | None = None) -> Iterator[KeyValueBatch]:
     """The whole pipeline of SPEC.md §4.4: articles -> filter -> pairs -> pools -> key embeddings."""
     position = DataPosition()
-    articles = iter_wikipedia_articles(cfg, start=start, position=position, split=split, passes=passes)
-    # Tokenise one article at a time so `position` after a batch is exactly the articles it consumed.
-    tokenized = tokenize_articles(articles, tokenizer, cfg.min_article_tokens, cfg.max_scan_articles, batch_size=1)
-    batches = iter_pair_batches(tokenized, cfg, position, generator)
+    tokenized = long_articles(cfg, tokenizer, split, passes=passes, start=start, position=position)
+    batches = iter_pair_batches(tokenized, cfg, cfg.generation_batch_size, position, generator)
     return add_embeddings(batches, embed_fn) if embed_fn is not None else batches
 
 

@@ -14,6 +14,8 @@ counterfactual query), with 95% bootstrap confidence intervals over articles.
 
 Every method starts from the same RNG state (common random numbers): the comparison is paired, and
 where two selection distributions are close (a barely trained policy) they make the same choices.
+Imports attnrl_core.checkpoint, .config, .data, .embeddings, .files, .host, .model, .rollout, .rundir,
+.training and .viz.
 """
 
 from __future__ import annotations
@@ -28,11 +30,15 @@ import torch
 
 from .checkpoint import latest_valid_checkpoint, load_adapter
 from .config import TrainConfig
-from .data import add_embeddings, encode_separators, iter_pair_batches, iter_wikipedia_articles, tokenize_articles
+from .data import add_embeddings, encode_separators, iter_pair_batches, long_articles
 from .embeddings import key_embedding_fn
+from .files import atomic_write_text
+from .host import keep_freed_memory
 from .model import adapter_parameters, head_geometry, load_policy, resolve_device
 from .rollout import rollout
+from .rundir import load_run
 from .training import swapped_parameters
+from .viz import plot_evaluation
 
 log = logging.getLogger("attnrl")
 METHODS = ("trained", "untrained", "random", "natural")
@@ -40,15 +46,12 @@ METHODS = ("trained", "untrained", "random", "natural")
 
 def heldout_batch(cfg: TrainConfig, tokenizer, embed_fn, num_articles: int, seed: int):
     """One batch of up to `num_articles` held-out articles (one pass, never repeated), with seeded pools."""
-    articles = iter_wikipedia_articles(cfg, split="eval", passes=1)
-    tokenized = list(itertools.islice(tokenize_articles(articles, tokenizer, cfg.min_article_tokens,
-                                                        cfg.max_scan_articles, batch_size=1), num_articles))
+    tokenized = list(itertools.islice(long_articles(cfg, tokenizer, split="eval", passes=1), num_articles))
     if not tokenized:
         raise ValueError(f"no held-out article has {cfg.min_article_tokens} tokens: raise eval_fraction for "
                          "new runs or lower num_kv_pairs")
-    sized = cfg.replace(generation_batch_size=len(tokenized), training_batch_size=1)
     generator = torch.Generator().manual_seed(seed)
-    return next(add_embeddings(iter_pair_batches(tokenized, sized, generator=generator), embed_fn))
+    return next(add_embeddings(iter_pair_batches(tokenized, cfg, len(tokenized), generator=generator), embed_fn))
 
 
 def bootstrap_ci(values: np.ndarray, num_samples: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -71,10 +74,16 @@ def compare_methods(model, batch, sep, geo, cfg: TrainConfig, seed: int,
     return results
 
 
+def trained_policy_score(model, batch, sep, geo, cfg: TrainConfig) -> dict:
+    """The loop's `eval_reward` and `eval_logprob`: the trained policy on a held-out batch."""
+    result = compare_methods(model, batch, sep, geo, cfg, cfg.seed, methods=("trained",))["trained"]
+    return {"eval_reward": result["reward"], "eval_logprob": result["logprob"]}
+
+
 def _score_method(model, batch, sep, geo, cfg: TrainConfig, seed: int, method: str, params) -> dict:
     """One method's rollout of the batch, from `seed`, summarised."""
     torch.manual_seed(seed)
-    kwargs = dict(tokens_per_query=cfg.tokens_per_query, temperature=cfg.temperature,
+    kwargs = dict(tokens_per_query=cfg.tokens_per_query, similarity_temperature=cfg.temperature,
                   query_temperature=cfg.query_temperature,
                   selector={"trained": "attention", "untrained": "attention"}.get(method, method))
     if method == "untrained":  # a zero adapter is exactly the base model
@@ -82,13 +91,13 @@ def _score_method(model, batch, sep, geo, cfg: TrainConfig, seed: int, method: s
             traj = rollout(model, batch, sep, geo, **kwargs)
     else:
         traj = rollout(model, batch, sep, geo, **kwargs)
-    logprob = torch.stack([s.policy_logprob for s in traj.steps], dim=1).float().cpu().numpy()  # [M, P]
+    logprob = traj.policy_logprob.float().cpu().numpy()  # [M, P]
     reward = traj.rewards.float().cpu().numpy()  # [M, P]
     return {
         "logprob": float(logprob.mean()), "logprob_ci": bootstrap_ci(logprob.mean(axis=1), seed=seed),
         "reward": float(reward.mean()), "reward_ci": bootstrap_ci(reward.mean(axis=1), seed=seed),
         "logprob_per_step": logprob.mean(axis=0).tolist(),
-        "pairs": torch.stack([s.selected for s in traj.steps], dim=1).tolist(),
+        "pairs": traj.choices.tolist(),
         "context_start": traj.tokens[:, :traj.initial_length].tolist(),
         "pool": batch.pool.tolist(),
     }
@@ -98,8 +107,6 @@ def evaluate(run_dir: str | Path, checkpoint: int | None = None, num_articles: i
              write: bool = True) -> dict:
     """Score a run's checkpoint against the baselines; write DIR/eval/episode-N.{json,png}."""
     run_dir = Path(run_dir)
-    from .run import keep_freed_memory, load_run
-
     cfg, _, _ = load_run(run_dir)
     if checkpoint is None:
         path = latest_valid_checkpoint(run_dir)
@@ -121,9 +128,7 @@ def evaluate(run_dir: str | Path, checkpoint: int | None = None, num_articles: i
     if write:
         out = run_dir / "eval"
         out.mkdir(exist_ok=True)
-        (out / f"{path.name}.json").write_text(json.dumps(report, indent=1))
-        from .viz import plot_evaluation
-
+        atomic_write_text(out / f"{path.name}.json", json.dumps(report, indent=1))
         fig = plot_evaluation(report)
         fig.savefig(out / f"{path.name}.png", dpi=110)
     return report

@@ -12,8 +12,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
 from torch import nn
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .assets import embedded_model_dir
 from .config import EMBEDDED_MODEL, TrainConfig
 
 
@@ -34,15 +39,11 @@ def resolve_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
 def _source(name: str) -> str:
     """Folder or Hub id to load from; the embedded model is converted to a cached folder on first use."""
     if name == EMBEDDED_MODEL:
-        from .assets import embedded_model_dir
-
         return str(embedded_model_dir())
     return name
 
 
 def load_tokenizer(cfg: TrainConfig):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(_source(cfg.tokenizer_name or cfg.model_name))
 
 
@@ -57,11 +58,9 @@ def _sdpa_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, 
 
     With a mask, transformers repeats the key/value heads first (CUDA's fast kernels need that), which
     copies the whole KV cache in every layer each time the rollout reads a prompt or a value onto a
-    cache (0.8 s of a 33 s B=64 CPU rollout, more when the copies page-fault). The CPU flash kernel
-    takes the groups directly, with the same result (tested).
+    cache (its cost is in BENCHMARKS.md). The CPU flash kernel takes the groups directly, with the same
+    result (tested).
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if (query.device.type == "cpu" and attention_mask is not None and query.shape[2] > 1
             and getattr(module, "num_key_value_groups", 1) > 1 and kwargs.get("position_bias") is None):
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
@@ -74,17 +73,12 @@ def _sdpa_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, 
 def gqa_attention() -> str:
     """Register `_sdpa_gqa_attention` (with SDPA's masks) with transformers; returns its name for
     `attn_implementation` / `set_attn_implementation`."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     AttentionInterface.register(GQA_SDPA, _sdpa_gqa_attention)
     AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)
     return GQA_SDPA
 
 
 def load_base_model(cfg: TrainConfig, device: torch.device | None = None) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
     device = device or resolve_device(cfg)
     model = AutoModelForCausalLM.from_pretrained(_source(cfg.model_name), dtype=resolve_dtype(cfg, device),
                                                  attn_implementation=gqa_attention())
@@ -93,8 +87,6 @@ def load_base_model(cfg: TrainConfig, device: torch.device | None = None) -> nn.
 
 def attach_adapter(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """Wrap `model` with one LoRA adapter; only the adapter's parameters require gradients."""
-    from peft import LoraConfig, get_peft_model
-
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.target_modules, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lora)

@@ -5,18 +5,18 @@
 - Update OOM: restore the adapter and optimizer to the phase's start, halve the micro-batch and
   double gradient accumulation (same effective batch), and redo the phase.
 - Below size 1 there is nothing left to halve: stop with a message that says so.
-Imports attnrl_core.rollout and attnrl_core.training.
+Imports attnrl_core.host, .model, .rollout and .training.
 """
 
 from __future__ import annotations
 
 import copy
-import gc
 import logging
 from dataclasses import dataclass
 
 import torch
 
+from .host import free_memory
 from .model import adapter_parameters
 from .rollout import Trajectory, rollout
 from .training import UpdateResult, load_values, update_policy
@@ -26,12 +26,6 @@ log = logging.getLogger("attnrl")
 
 def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 @dataclass

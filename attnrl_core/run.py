@@ -1,196 +1,37 @@
-"""The training run: config -> data -> model -> rollout -> training -> run directory.
+"""The training loop: SPEC.md §3.1, from initialisation to the run directory.
 
-`train(cfg)` reads like SPEC.md §3.1: initialise (model + adapter, data stream with key embeddings,
-8-bit Adam, reward statistics), then per episode roll out a batch, filter it, update the policy on
-the selected trajectories, and log. The run directory holds:
-
-  config.json         TrainConfig.to_dict()
-  metrics.jsonl       one line per episode; names documented in METRICS
-  trajectories.jsonl  one line per trajectory: decoded queries, counterfactuals, chosen chunks, rewards
-  checkpoints/        episode-N/ every `checkpoint_every` episodes and at the end (see checkpoint.py)
-  figures/            reward curve, training panels, similarity distribution (PNG)
+`train(cfg)` initialises (model + adapter, data stream with key embeddings, 8-bit Adam, reward
+statistics), then per episode rolls out a batch, filters it, updates the policy on the selected
+trajectories, and logs; the run directory's format is `rundir`'s. Imports attnrl_core.checkpoint,
+.config, .data, .embeddings, .evaluate, .files, .host, .model, .resilience, .rundir, .training and .viz.
 """
 
 from __future__ import annotations
 
-import ctypes
-import json
 import logging
-import platform
-import random
-import resource
 import signal
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from .checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from .accounting import rollout_work, update_work
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import DataPosition, encode_separators, iter_key_value_batches, iter_wikipedia_articles, tokenize_articles
+from .data import DataPosition, encode_separators, iter_key_value_batches, long_articles
 from .embeddings import key_embedding_fn
-from .model import adapter_parameters, head_geometry, load_policy, load_tokenizer, resolve_device
+from .evaluate import heldout_batch, trained_policy_score
+from .files import append_jsonl, truncate_jsonl
+from .host import hardware_state, keep_freed_memory, peak_memory_bytes, reset_peak_memory, seed_everything
+from .model import head_geometry, load_policy, load_tokenizer, resolve_device
 from .resilience import FallbackState, rollout_resilient, update_resilient
-from .rollout import Trajectory
-from .training import RunningStats, select_trajectories, selection_threshold
+from .rundir import episode_metrics, prepare_run_dir, trajectory_records, write_config
+from .training import RunningStats, filter_batch, make_optimizer, read_length
+from .viz import save_run_figures
 
 log = logging.getLogger("attnrl")
-
-METRICS = {
-    "episode": "episode number, from 1",
-    "reward": "mean trajectory reward of the batch (policy minus base mean value log-prob)",
-    "reward_std": "standard deviation of trajectory rewards in the batch",
-    "policy_logprob": "mean value log-prob under the policy",
-    "base_logprob": "mean value log-prob under the base model after its counterfactual query",
-    "threshold": "selection threshold (running mean + filter_num_sd * running SD before the batch); null in warm-up",
-    "selected": "trajectories selected for the update",
-    "filter_fraction": "selected / generation_batch_size",
-    "loss": "mean update loss over micro-batches (null when nothing was selected)",
-    "policy_loss": "mean REINFORCE term (null when nothing was selected)",
-    "kl": "mean summed KL(previous || current) per trajectory (null when nothing was selected)",
-    "grad_norm": "mean pre-clip gradient norm over optimizer steps (null when nothing was selected)",
-    "optimizer_steps": "optimizer steps taken this episode",
-    "skipped_steps": "optimizer steps skipped for a non-finite loss or gradient",
-    "running_mean": "running mean of all trajectory rewards after this batch",
-    "running_std": "running SD of all trajectory rewards after this batch",
-    "rollout_seconds": "seconds spent generating the batch",
-    "update_seconds": "seconds spent in the update phase",
-    "seconds": "seconds for the whole episode",
-    "tokens_per_second": "tokens read by the model (rollout + update) per second",
-    "peak_memory_bytes": "peak CUDA memory allocated (GPU) or peak resident set size (CPU)",
-    "rollout_chunk": "trajectories rolled out together (below generation_batch_size after an out-of-memory)",
-    "micro_batch": "update micro-batch size in use (halved, with accumulation doubled, after an out-of-memory)",
-    "oom_events": "out-of-memory events survived so far",
-    "eval_reward": "held-out reward of the trained policy (only every eval_every episodes)",
-    "eval_logprob": "held-out mean value log-prob of the trained policy (only every eval_every episodes)",
-}
-
-
-def hardware_state(device: torch.device) -> str:
-    if device.type == "cuda":
-        gib = 1024**3
-        return (f"CUDA {torch.cuda.get_device_name(device)}: allocated {torch.cuda.memory_allocated(device) / gib:.2f} GiB, "
-                f"reserved {torch.cuda.memory_reserved(device) / gib:.2f} GiB, "
-                f"peak {peak_memory_bytes(device) / gib:.2f} GiB")
-    return f"CPU: peak RSS {peak_memory_bytes(device) / 1024**3:.2f} GiB, {torch.get_num_threads()} threads"
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak CUDA memory allocated (GPU) or peak resident set size of this process (CPU), since the last
-    reset (`torch.cuda.reset_peak_memory_stats`; on Linux, writing 5 to /proc/self/clear_refs)."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    try:  # VmHWM follows a clear_refs reset; ru_maxrss (the fallback off Linux) does not
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def keep_freed_memory(device: torch.device) -> bool:
-    """On a CPU under glibc, have malloc keep the memory it frees for reuse instead of returning it to the
-    system; returns whether it did (a process-wide setting, idempotent).
-
-    glibc serves every block above 32 MB with a fresh `mmap` and unmaps it when freed, so each large
-    tensor, a [rows, vocabulary] logits tensor or an activation of the update, page-faults all of its
-    pages in again every time: about 15% of a rollout and 10-20% of an update on the development CPU
-    (BENCHMARKS.md). Served from the heap and not trimmed, freed blocks are reused. The price is that
-    the process keeps up to its peak resident size, which it reaches again every episode anyway.
-    """
-    if device.type != "cpu" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-    libc = ctypes.CDLL("libc.so.6")
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def make_optimizer(model, cfg: TrainConfig):
-    import bitsandbytes as bnb
-
-    return bnb.optim.Adam8bit(adapter_parameters(model), lr=cfg.learning_rate)
-
-
-def trajectory_records(traj: Trajectory, tokenizer, episode: int, selected: torch.Tensor) -> list[dict]:
-    """Decoded text of every step, one record per trajectory (for trajectories.jsonl)."""
-    batch = traj.batch
-    rewards = traj.rewards.tolist()
-    decode = tokenizer.batch_decode
-    per_step = [{"query": decode(s.query_tokens), "counterfactual": decode(s.counterfactual_tokens),
-                 "pair": s.selected.tolist(), "prob": s.selected_prob.tolist(), "probs": s.probabilities.tolist(),
-                 "policy_logprob": s.policy_logprob.tolist(), "base_logprob": s.base_logprob.tolist(),
-                 "value": decode(batch.value_tokens[torch.arange(batch.batch_size), s.selected.cpu()])}
-                for s in traj.steps]
-    first_keys, first_values = decode(batch.key_tokens[:, 0]), decode(batch.value_tokens[:, 0])
-    records = []
-    for b in range(batch.batch_size):
-        steps = [{"step": t, **{k: v[b] for k, v in s.items()}, "reward": rewards[b][t]} for t, s in enumerate(per_step)]
-        records.append({"episode": episode, "trajectory": b, "article_id": batch.article_ids[b],
-                        "title": batch.titles[b], "reward": sum(rewards[b]) / len(rewards[b]),
-                        "selected": bool(selected[b]), "pool": batch.pool[b].tolist(),
-                        "example_key": first_keys[b], "example_value": first_values[b], "steps": steps})
-    return records
-
-
-def _append_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "a") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-
-
-def _truncate_jsonl(path: Path, last_episode: int) -> None:
-    """Keep only lines of episodes <= last_episode (logs written after the checkpoint are redone)."""
-    if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["episode"] <= last_episode]
-        path.write_text("".join(ln + "\n" for ln in lines))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    path = Path(path)
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln] if path.exists() else []
-
-
-def project_path(*parts: str) -> Path:
-    """A path in this checkout (runs/, figures/) whatever the working directory — notebooks run from
-    notebooks/ under nbmake and from anywhere under papermill. Falls back to the working directory."""
-    root = Path(__file__).resolve().parents[1]
-    return (root if (root / "pyproject.toml").is_file() else Path.cwd()).joinpath(*parts)
-
-
-def default_run_dir(preset: str) -> Path:
-    return project_path("runs", f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-
-
-def load_run(run_dir: str | Path) -> tuple[TrainConfig, list[dict], list[dict]]:
-    """(config, metrics, trajectories) of a run directory, for notebooks and analysis."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise ValueError(f"{str(run_dir)!r} is not a run directory (no config.json)")
-    cfg = TrainConfig.from_file(run_dir / "config.json")
-    return cfg, read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "trajectories.jsonl")
-
-
-def prepare_run_dir(cfg: TrainConfig, resume: bool) -> tuple[Path, Path | None]:
-    """(run dir, checkpoint to resume from). Refuses to touch an existing run unless resuming."""
-    out = Path(cfg.output_dir)
-    if resume:
-        ckpt = latest_valid_checkpoint(out)
-        if ckpt is None:
-            raise ValueError(f"--resume: no valid checkpoint in {out}/checkpoints: start a new run without --resume")
-        return out, ckpt
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"output_dir {str(out)!r} exists and is not empty: pass --resume to continue it "
-                         f"or choose a new --output_dir")
-    return out, None
 
 
 class _StopRequest:
@@ -230,113 +71,82 @@ def validate_inputs(cfg: TrainConfig, resume: bool):
         raise ValueError(f"model {cfg.model_name!r} cannot be found ({str(e).splitlines()[0][:120]}): log in with "
                          "`hf auth login`, or set HF_HUB_OFFLINE=1 with the model already cached, "
                          "or use --preset embedded") from None
-    articles = iter_wikipedia_articles(cfg)
-    next(tokenize_articles(articles, tokenizer, cfg.min_article_tokens, cfg.max_scan_articles, batch_size=1))
+    next(long_articles(cfg, tokenizer))
     return out, ckpt, device, tokenizer
+
+
+def _restore(out: Path, ckpt: Path, model, optimizer) -> tuple[RunningStats, int, DataPosition]:
+    """Load a checkpoint and cut the logs back to it: (reward statistics, its episode, data position)."""
+    state = load_checkpoint(ckpt, model, optimizer)
+    stats = RunningStats()
+    stats.load_state_dict(state["stats"])
+    for name in ("metrics.jsonl", "trajectories.jsonl"):
+        truncate_jsonl(out / name, state["episode"])
+    log.info("resuming %s from %s", out, ckpt.name)
+    return stats, state["episode"], DataPosition(**state["data_position"])
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Run `cfg.num_episodes` episodes; return the run directory. Nothing is written before the inputs
     have been validated, and an existing run is only ever continued (`resume=True`), never overwritten."""
-    from tqdm.auto import tqdm
-
     out, ckpt, device, tokenizer = validate_inputs(cfg, resume)
     seed_everything(cfg.seed)
     keep_freed_memory(device)
-
     # 1. Initialisation
     model, tokenizer = load_policy(cfg, device, tokenizer)
     sep, geo = encode_separators(tokenizer), head_geometry(model)
     optimizer = make_optimizer(model, cfg)
-    stats, start_episode, data_start = RunningStats(), 0, DataPosition()
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer)
-        stats.load_state_dict(state["stats"])
-        start_episode, data_start = state["episode"], DataPosition(**state["data_position"])
-        for name in ("metrics.jsonl", "trajectories.jsonl"):
-            _truncate_jsonl(out / name, start_episode)
-        log.info("resuming %s from %s", out, ckpt.name)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    batches = iter_key_value_batches(cfg, tokenizer, key_embedding_fn(model, device), start=data_start)
+    stats, start, data_start = _restore(out, ckpt, model, optimizer) if ckpt else (RunningStats(), 0, DataPosition())
+    write_config(out, cfg)
+    embed = key_embedding_fn(model, device)
+    batches = iter_key_value_batches(cfg, tokenizer, embed, start=data_start)
     sizes = FallbackState(cfg.generation_batch_size, cfg.training_batch_size, cfg.gradient_accumulation_steps)
-    heldout = None
-    if cfg.eval_every:  # the same held-out batch every time, so the eval_* curve is comparable across episodes
-        from .evaluate import compare_methods, heldout_batch
-
-        heldout = heldout_batch(cfg, tokenizer, key_embedding_fn(model, device), cfg.eval_articles, cfg.seed)
+    # the same held-out batch every time, so the eval_* curve is comparable across episodes
+    heldout = heldout_batch(cfg, tokenizer, embed, cfg.eval_articles, cfg.seed) if cfg.eval_every else None
     describe = lambda: hardware_state(device)  # noqa: E731
-
-    def checkpoint(episode: int, position: DataPosition) -> None:
-        save_checkpoint(out, episode, model, optimizer,
-                        {"stats": stats.state_dict(), "data_position": vars(position)}, cfg.keep_checkpoints)
-
-    bar = tqdm(range(start_episode, cfg.num_episodes), initial=start_episode, total=cfg.num_episodes,
-               desc="episodes", disable=not progress)
-    nonfinite_streak, episode = 0, start_episode
+    bar = tqdm(range(start, cfg.num_episodes), initial=start, total=cfg.num_episodes, desc="episodes",
+               disable=not progress)
+    nonfinite_streak, episode = 0, start
     try:
         with _StopRequest() as stop:
             for episode in (e + 1 for e in bar):
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
+                if device.type == "cuda":  # per-episode peaks; the CPU's VmHWM stays the process's peak
+                    reset_peak_memory(device)
                 t0 = time.perf_counter()
                 batch = next(batches)
                 # 2-3. trajectories and rewards
                 traj = rollout_resilient(model, batch, sep, geo, sizes, describe, tokens_per_query=cfg.tokens_per_query,
-                                         temperature=cfg.temperature, query_temperature=cfg.query_temperature)
+                                         similarity_temperature=cfg.temperature, query_temperature=cfg.query_temperature)
                 t1 = time.perf_counter()
                 rewards = traj.avg_reward.float().cpu()
                 finite = bool(torch.isfinite(rewards).all())
                 # 4. filtering against the statistics before this batch, then add the batch
-                threshold = selection_threshold(stats, cfg.warmup_trajectories, cfg.filter_num_sd)
-                selected = select_trajectories(rewards, stats, cfg.warmup_trajectories, cfg.filter_num_sd)
+                selected, threshold = filter_batch(rewards, stats, cfg.warmup_trajectories, cfg.filter_num_sd)
                 upd = None
                 if finite:
                     stats.update(rewards)
                     # 5-6. policy update on the selected trajectories
                     upd = update_resilient(model, optimizer, traj, selected, sizes, describe, beta=cfg.kl_beta,
-                                           max_grad_norm=cfg.max_grad_norm, temperature=cfg.query_temperature)
+                                           max_grad_norm=cfg.max_grad_norm, query_temperature=cfg.query_temperature)
                 else:
                     selected = torch.zeros_like(selected)
                     log.warning("episode %d: non-finite reward; update skipped, statistics unchanged", episode)
                 t2 = time.perf_counter()
                 nonfinite_streak = 0 if finite and not (upd and upd.skipped_steps) else nonfinite_streak + 1
-                if nonfinite_streak >= cfg.max_nonfinite:
-                    raise RuntimeError(f"{nonfinite_streak} consecutive episodes with a non-finite reward, loss or "
-                                       f"gradient: lower learning_rate, or use dtype float32 / bfloat16 instead of float16")
+                _check_nonfinite(nonfinite_streak, cfg.max_nonfinite)
                 # 7. logging
-                n_sel = int(selected.sum())
-                metrics = {
-                    "episode": episode, "reward": rewards.mean().item() if finite else None,
-                    "reward_std": rewards.std(unbiased=False).item() if finite else None,
-                    "policy_logprob": torch.stack([s.policy_logprob for s in traj.steps]).mean().item(),
-                    "base_logprob": torch.stack([s.base_logprob for s in traj.steps]).mean().item(),
-                    "threshold": threshold, "selected": n_sel, "filter_fraction": n_sel / batch.batch_size,
-                    "loss": upd.loss if upd else None, "policy_loss": upd.policy_loss if upd else None,
-                    "kl": upd.kl if upd else None, "grad_norm": upd.grad_norm if upd else None,
-                    "optimizer_steps": upd.optimizer_steps if upd else 0,
-                    "skipped_steps": (upd.skipped_steps if upd else 0) + (0 if finite else 1),
-                    "running_mean": stats.mean, "running_std": stats.std,
-                    "rollout_seconds": t1 - t0, "update_seconds": t2 - t1, "seconds": t2 - t0,
-                    "tokens_per_second": (traj.forward_tokens + (upd.trained_tokens if upd else 0)) / (t2 - t0),
-                    "peak_memory_bytes": peak_memory_bytes(device),
-                    "rollout_chunk": sizes.rollout_chunk, "micro_batch": sizes.micro_batch,
-                    "oom_events": sizes.oom_events, "eval_reward": None, "eval_logprob": None,
-                }
+                metrics = episode_metrics(episode, traj, selected, threshold, upd, stats, finite, (t1 - t0, t2 - t1),
+                                          _tokens_read(traj, selected, upd), peak_memory_bytes=peak_memory_bytes(device),
+                                          rollout_chunk=sizes.rollout_chunk, micro_batch=sizes.micro_batch,
+                                          oom_events=sizes.oom_events)
                 if heldout is not None and (episode % cfg.eval_every == 0 or episode == cfg.num_episodes):
-                    ev = compare_methods(model, heldout, sep, geo, cfg, cfg.seed, methods=("trained",))["trained"]
-                    metrics.update(eval_reward=ev["reward"], eval_logprob=ev["logprob"])
-                _append_jsonl(out / "metrics.jsonl", [metrics])
-                _append_jsonl(out / "trajectories.jsonl", trajectory_records(traj, tokenizer, episode, selected))
-                if finite:
-                    bar.set_postfix(reward=f"{metrics['reward']:+.3f}", filt=f"{metrics['filter_fraction']:.2f}")
-                if episode % cfg.log_every == 0 or episode == cfg.num_episodes:
-                    log.info("episode %d/%d  reward %s  running %+.4f±%.4f  selected %d  kl %s  %.1fs  %.0f tok/s",
-                             episode, cfg.num_episodes, "nan" if not finite else f"{metrics['reward']:+.4f}",
-                             stats.mean, stats.std, n_sel, "n/a" if upd is None else f"{upd.kl:.2e}",
-                             metrics["seconds"], metrics["tokens_per_second"])
+                    metrics.update(trained_policy_score(model, heldout, sep, geo, cfg))
+                append_jsonl(out / "metrics.jsonl", [metrics])
+                append_jsonl(out / "trajectories.jsonl", trajectory_records(traj, tokenizer, episode, selected))
+                _report(bar, metrics, cfg, upd)
                 if episode % cfg.checkpoint_every == 0 or episode == cfg.num_episodes or stop.signal is not None:
-                    checkpoint(episode, batch.position)
+                    save_checkpoint(out, episode, model, optimizer, {"stats": stats.state_dict(),
+                                    "data_position": vars(batch.position)}, cfg.keep_checkpoints)
                 if stop.signal is not None:
                     print(f"stopped after episode {episode} (checkpoint written); resume with:\n"
                           f"  python -m attnrl_core train --resume --output_dir {out}")
@@ -346,8 +156,32 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         raise
     finally:
         bar.close()
-    from .viz import save_run_figures
-
     save_run_figures(out)
     return out
 
+
+def _check_nonfinite(streak: int, limit: int) -> None:
+    if streak >= limit:
+        raise RuntimeError(f"{streak} consecutive episodes with a non-finite reward, loss or gradient: lower "
+                           "learning_rate, or use dtype float32 / bfloat16 instead of float16")
+
+
+def _tokens_read(traj, selected: torch.Tensor, upd) -> int:
+    """Tokens the model read this episode: the rollout's, and the update's when it ran."""
+    tokens = rollout_work(traj).tokens
+    if upd is not None:
+        tokens += update_work(int(selected.sum()), read_length(traj.query_positions), traj.query_positions.numel(),
+                              traj.query_logits is None).tokens
+    return tokens
+
+
+def _report(bar, metrics: dict, cfg: TrainConfig, upd) -> None:
+    """The progress bar's postfix every episode; a console summary every `log_every` episodes."""
+    episode, reward = metrics["episode"], metrics["reward"]
+    if reward is not None:
+        bar.set_postfix(reward=f"{reward:+.3f}", filt=f"{metrics['filter_fraction']:.2f}")
+    if episode % cfg.log_every == 0 or episode == cfg.num_episodes:
+        log.info("episode %d/%d  reward %s  running %+.4f±%.4f  selected %d  kl %s  %.1fs  %.0f tok/s",
+                 episode, cfg.num_episodes, "nan" if reward is None else f"{reward:+.4f}", metrics["running_mean"],
+                 metrics["running_std"], metrics["selected"], "n/a" if upd is None else f"{upd.kl:.2e}",
+                 metrics["seconds"], metrics["tokens_per_second"])

@@ -12,7 +12,8 @@
      positions), 8-bit Adam on the adapter, gradient norm clipped.
 
 The maths (`RunningStats`, `select_trajectories`, `kl_penalty`, `reinforce_loss`) is pure; `update_policy`
-is the thin stateful shell. Imports attnrl_core.model and attnrl_core.rollout.
+is the thin stateful shell, and `make_optimizer` builds the 8-bit Adam it steps.
+Imports attnrl_core.config, attnrl_core.model and attnrl_core.rollout.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import contextlib
 import math
 from dataclasses import dataclass
 
+import bitsandbytes as bnb
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import TrainConfig
 from .model import adapter_parameters
 from .rollout import Trajectory
 
@@ -63,6 +66,15 @@ def selection_threshold(stats: RunningStats, warmup: int, num_sd: float = 1.0) -
     return stats.mean + num_sd * stats.std
 
 
+def filter_batch(rewards: torch.Tensor, stats: RunningStats, warmup: int,
+                 num_sd: float = 1.0) -> tuple[torch.Tensor, float | None]:
+    """(BoolTensor [B]: reward > threshold, the threshold or None in warm-up); `stats` is not modified."""
+    threshold = selection_threshold(stats, warmup, num_sd)
+    if threshold is None:
+        return torch.zeros(rewards.shape, dtype=torch.bool, device=rewards.device), None
+    return rewards > threshold, threshold
+
+
 def select_trajectories(rewards: torch.Tensor, stats: RunningStats, warmup: int,
                         num_sd: float = 1.0) -> torch.Tensor:
     """BoolTensor [B]: reward > mean + num_sd * SD of `stats` (call before adding this batch to `stats`).
@@ -70,10 +82,7 @@ def select_trajectories(rewards: torch.Tensor, stats: RunningStats, warmup: int,
     Nothing is selected until the statistics hold at least `warmup` rewards: the first batches only
     establish the statistics. `stats` is not modified.
     """
-    threshold = selection_threshold(stats, warmup, num_sd)
-    if threshold is None:
-        return torch.zeros(rewards.shape, dtype=torch.bool, device=rewards.device)
-    return rewards > threshold
+    return filter_batch(rewards, stats, warmup, num_sd)[0]
 
 
 # -- 5. the loss --------------------------------------------------------------------------------------
@@ -99,16 +108,16 @@ class LossTerms:
 
 
 def reinforce_loss(current_logits: torch.Tensor, previous_logits: torch.Tensor, tokens: torch.Tensor,
-                   rewards: torch.Tensor, beta: float, temperature: float = 1.0) -> LossTerms:
+                   rewards: torch.Tensor, beta: float, query_temperature: float = 1.0) -> LossTerms:
     """The update's loss on n trajectories: logits [n, M, V] at the M query positions, tokens [n, M], rewards [n].
 
-    The policy is the distribution queries were sampled from, softmax(logits / temperature).
+    The policy is the distribution queries were sampled from, softmax(logits / query_temperature).
     """
     n, M, _ = current_logits.shape
     assert previous_logits.shape == current_logits.shape and tokens.shape == (n, M) and rewards.shape == (n,)
     current, previous = current_logits.float(), previous_logits.float()
-    if temperature != 1.0:  # at 1 the division would only copy two [n, M, V] tensors
-        current, previous = current / temperature, previous / temperature
+    if query_temperature != 1.0:  # at 1 the division would only copy two [n, M, V] tensors
+        current, previous = current / query_temperature, previous / query_temperature
     current_logp = F.log_softmax(current, dim=-1)  # one [n, M, V] log-softmax serves both terms
     logp = current_logp.gather(-1, tokens[..., None]).squeeze(-1)  # [n, M]
     policy_loss = -(rewards * logp.sum(dim=1)).mean()
@@ -120,7 +129,7 @@ def query_logits(model: nn.Module, tokens: torch.Tensor, query_positions: torch.
     """Teacher-forced logits [n, M, V] predicting the tokens at `query_positions` [M] of `tokens` [n, L].
 
     Reads `tokens` only up to the last query token (`read_length`): the causal model's logits there do not
-    depend on the value after it, which would be a sixth of the update's work at two steps.
+    depend on the value after it (its share of the work is in BENCHMARKS.md).
     """
     end = read_length(query_positions)
     return model(input_ids=tokens[:, :end], use_cache=False, logits_to_keep=query_positions - 1).logits
@@ -174,13 +183,12 @@ class UpdateResult:
     grad_norm: float
     optimizer_steps: int
     skipped_steps: int  # steps whose loss or gradient was not finite (no update made)
-    trained_tokens: int
     micro_batch_kl: list[float]  # KL term of each micro-batch in order (the first is ~0: previous = current)
 
 
 def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory: Trajectory,
                   selected: torch.Tensor, *, training_batch_size: int, gradient_accumulation_steps: int = 1,
-                  beta: float = 0.1, max_grad_norm: float = 1.0, temperature: float = 1.0) -> UpdateResult | None:
+                  beta: float = 0.1, max_grad_norm: float = 1.0, query_temperature: float = 1.0) -> UpdateResult | None:
     """One update phase over the selected trajectories; None when nothing was selected."""
     index = selected.nonzero().squeeze(1).cpu()
     if index.numel() == 0:
@@ -201,7 +209,7 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory
         prev_logits = previous_policy_logits(model, trajectory, mb, tokens, positions, params, previous)
         model.train()
         terms = reinforce_loss(query_logits(model, tokens, positions), prev_logits, tokens[:, positions], rewards,
-                               beta, temperature)
+                               beta, query_temperature)
         group_start = (i // gradient_accumulation_steps) * gradient_accumulation_steps
         group_size = min(gradient_accumulation_steps, len(micro_batches) - group_start)
         (terms.loss / group_size).backward()
@@ -220,5 +228,9 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory
     model.eval()
     n = len(micro_batches)
     return UpdateResult(sums["loss"] / n, sums["policy_loss"] / n, sums["kl"] / n,
-                        sum(norms) / len(norms) if norms else float("nan"), steps, skipped,
-                        int(index.numel()) * read_length(positions) * (1 if previous is None else 2), micro_kl)
+                        sum(norms) / len(norms) if norms else float("nan"), steps, skipped, micro_kl)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """DESIGN.md §2.8: bitsandbytes' 8-bit Adam over the adapter's parameters only."""
+    return bnb.optim.Adam8bit(adapter_parameters(model), lr=cfg.learning_rate)

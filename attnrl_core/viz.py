@@ -1,6 +1,6 @@
 """Figures for runs and notebooks. Each `plot_*` draws on matplotlib axes and returns the figure;
 `save_run_figures` writes a run's standard figures to `run_dir/figures/`. Reads run-directory files;
-imports attnrl_core.run only for `read_jsonl`.
+imports attnrl_core.files only.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+
+from .files import read_jsonl
 
 
 def _series(metrics: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -55,7 +57,7 @@ def plot_training_panels(metrics: list[dict]):
     return fig
 
 
-def plot_similarity_distribution(trajectories: list[dict], num_kv_pairs: int | None = None):
+def plot_similarity_distribution(trajectories: list[dict]):
     """Left: probability of the chosen pair against a uniform choice. Right: mean probability per
     pair position (article order) at each step, over all logged trajectories."""
     chosen, uniform, rows = [], [], {}
@@ -102,8 +104,6 @@ def plot_head_heatmap(head_probs: np.ndarray, key_labels: list[str] | None = Non
 
 def save_run_figures(run_dir: str | Path) -> list[Path]:
     """Write reward_curve.png, training_panels.png and similarity_distribution.png into run_dir/figures/."""
-    from .run import read_jsonl
-
     run_dir = Path(run_dir)
     fig_dir = run_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)

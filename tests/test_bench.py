@@ -16,7 +16,7 @@ def test_naive_and_cached_rollouts_agree(policy):
     geo = head_geometry(policy)
     traj = rollout(policy, batch, SEP, geo, tokens_per_query=cfg.tokens_per_query, greedy=True)
     chosen, rewards = naive_rollout(policy, batch, SEP, geo, cfg.tokens_per_query)
-    assert torch.equal(chosen, torch.stack([s.selected for s in traj.steps], 1))
+    assert torch.equal(chosen, traj.choices)
     torch.testing.assert_close(rewards, traj.rewards, rtol=1e-4, atol=1e-4)
 
 
@@ -36,7 +36,7 @@ def test_naive_head_loop_equals_batched_similarity():
 def test_keep_freed_memory_applies_on_a_linux_cpu_only():
     import platform
 
-    from attnrl_core.run import keep_freed_memory
+    from attnrl_core.host import keep_freed_memory
 
     linux_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory(torch.device("cpu")) == linux_glibc

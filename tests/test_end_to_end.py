@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from attnrl_core.__main__ import main
-from attnrl_core.run import METRICS, read_jsonl
+from attnrl_core.files import read_jsonl
+from attnrl_core.rundir import METRICS
 
 ARGS = ["--preset", "embedded", "--num_episodes", "3", "--generation_batch_size", "4", "--training_batch_size", "2",
         "--num_kv_pairs", "4", "--warmup_trajectories", "4", "--filter_num_sd", "0", "--checkpoint_every", "2",

@@ -11,7 +11,7 @@ from attnrl_core.data import is_heldout, iter_wikipedia_articles
 from attnrl_core.evaluate import METHODS, bootstrap_ci, compare_methods
 from attnrl_core.model import head_geometry
 from attnrl_core.rollout import rollout
-from attnrl_core.run import read_jsonl
+from attnrl_core.files import read_jsonl
 
 from .conftest import SEP, make_batch, tiny_config
 
@@ -31,10 +31,10 @@ def test_random_baseline_uses_each_pool_pair_once(policy):
     batch = make_batch(policy, cfg)
     torch.manual_seed(0)
     traj = rollout(policy, batch, SEP, head_geometry(policy), tokens_per_query=3, selector="random")
-    chosen = torch.stack([s.selected for s in traj.steps], 1)
+    chosen = traj.choices
     for b in range(batch.batch_size):
         assert sorted(chosen[b].tolist()) == sorted(batch.pool[b].tolist())
-    first = traj.steps[0].probabilities
+    first = traj.probabilities[:, 0]
     assert torch.allclose(first[first > 0], torch.full_like(first[first > 0], 1 / 4))
 
 
@@ -42,7 +42,7 @@ def test_natural_order_reference_takes_pairs_in_article_order(policy):
     cfg = tiny_config(num_kv_pairs=8, subset_fraction=0.5)
     batch = make_batch(policy, cfg)
     traj = rollout(policy, batch, SEP, head_geometry(policy), tokens_per_query=3, selector="natural")
-    chosen = torch.stack([s.selected for s in traj.steps], 1)
+    chosen = traj.choices
     assert torch.equal(chosen, batch.pool.sort(dim=1).values)
 
 

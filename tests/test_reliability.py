@@ -2,6 +2,7 @@
 
 import json
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -14,11 +15,33 @@ from safetensors.torch import load_file
 
 from attnrl_core.__main__ import main
 from attnrl_core.checkpoint import latest_valid_checkpoint, list_checkpoints
-from attnrl_core.run import read_jsonl
+from attnrl_core.files import read_jsonl
 
 SMALL = ["--preset", "embedded", "--generation_batch_size", "2", "--training_batch_size", "1", "--num_kv_pairs", "3",
          "--tokens_per_key", "8", "--tokens_per_value", "8", "--tokens_per_query", "6", "--warmup_trajectories", "2",
          "--filter_num_sd", "0", "--learning_rate", "1e-3", "--checkpoint_every", "1", "--no_progress"]
+
+
+def wait_for_line(proc: subprocess.Popen, text: str, timeout: float = 240) -> str:
+    """Block until the child writes a stderr line containing `text` (it logs each checkpoint and, with
+    --log_every 1, each episode); fail if it exits first or `timeout` passes. Reads the raw pipe, so no
+    line waits in a Python buffer while `select` sees nothing new."""
+    deadline, pending = time.monotonic() + timeout, b""
+    fd = proc.stderr.fileno()
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if not sel.select(timeout=deadline - time.monotonic()):
+                break
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise AssertionError(f"the run exited (code {proc.wait()}) before logging {text!r}")
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                if text.encode() in line:
+                    return line.decode()
+    proc.kill()
+    raise AssertionError(f"no {text!r} within {timeout}s")
 
 
 def _adapter(run_dir: Path, episode: int) -> dict:
@@ -39,11 +62,8 @@ def reference_run(tmp_path_factory):
 def test_kill_and_resume_matches_an_uninterrupted_run(reference_run, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "attnrl_core", "train", *SMALL, "--num_episodes", "5",
-                             "--output_dir", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while not (out / "checkpoints" / "episode-2").is_dir():
-        assert proc.poll() is None and time.monotonic() < deadline, "run ended before a checkpoint was written"
-        time.sleep(0.05)
+                             "--output_dir", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_line(proc, "checkpoint episode-2 written")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(read_jsonl(out / "metrics.jsonl"))
@@ -84,12 +104,9 @@ def test_keep_last_checkpoints(tmp_path):
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     out = tmp_path / "term"
     proc = subprocess.Popen([sys.executable, "-m", "attnrl_core", "train", *SMALL, "--num_episodes", "50",
-                             "--checkpoint_every", "100", "--output_dir", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + 240
-    while not (out / "metrics.jsonl").exists():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+                             "--checkpoint_every", "100", "--log_every", "1", "--output_dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_line(proc, "episode 1/50")
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0
@@ -198,7 +215,8 @@ def test_non_finite_rewards_are_skipped_then_stop(tmp_path, monkeypatch):
 
     def rollout(*a, **k):
         traj = real_rollout(*a, **k)
-        traj.steps[0].reward = torch.full_like(traj.steps[0].reward, float("nan"))
+        traj.rewards = traj.rewards.clone()  # rollout tensors are inference tensors: copy before writing
+        traj.rewards[:, 0] = float("nan")
         return traj
 
     monkeypatch.setattr(res, "rollout", rollout)

@@ -4,7 +4,8 @@ from transformers import DynamicCache
 
 from attnrl_core.bench import _naive_value_logprob  # mean log-prob of the last Tv tokens, re-encoding all
 from attnrl_core.model import GQA_SDPA, base_model, head_geometry
-from attnrl_core.rollout import BufferedCache, calculate_reward, initial_context, rollout, sample_from_logits
+from attnrl_core.decoding import BufferedCache, sample_from_logits
+from attnrl_core.rollout import calculate_reward, initial_context, rollout
 
 from .conftest import SEP, VOCAB, make_batch, tiny_config, tiny_llama
 
@@ -22,27 +23,27 @@ def test_shapes_and_lockstep_lengths(policy):
     B, P = cfg.generation_batch_size, cfg.pool_size
     L0 = 1 + len(SEP.query) + cfg.tokens_per_key + len(SEP.response) + cfg.tokens_per_value
     step_len = len(SEP.query) + cfg.tokens_per_query + len(SEP.response) + cfg.tokens_per_value
-    assert len(traj.steps) == P == 3  # ceil(0.5 * 6)
+    assert traj.num_steps == P == 3  # ceil(0.5 * 6)
     assert traj.tokens.shape == (B, L0 + P * step_len)
-    assert traj.rewards.shape == (B, P) and traj.avg_reward.shape == (B,)
-    for s in traj.steps:
-        assert s.query_tokens.shape == s.counterfactual_tokens.shape == (B, cfg.tokens_per_query)
-        assert s.probabilities.shape == (B, cfg.num_kv_pairs)
-        torch.testing.assert_close(s.probabilities.sum(1), torch.ones(B))
+    assert traj.rewards.shape == traj.choices.shape == traj.choice_probs.shape == (B, P)
+    assert traj.avg_reward.shape == (B,)
+    assert traj.queries.shape == traj.counterfactuals.shape == (B, P, cfg.tokens_per_query)
+    assert traj.probabilities.shape == (B, P, cfg.num_kv_pairs)
+    torch.testing.assert_close(traj.probabilities.sum(-1), torch.ones(B, P))
 
 
 def test_each_pool_pair_used_exactly_once(policy):
     cfg, batch, traj = _run(policy, num_kv_pairs=8, subset_fraction=0.25)
-    chosen = torch.stack([s.selected for s in traj.steps], dim=1)  # [B, P]
+    chosen = traj.choices  # [B, P]
     assert chosen.shape[1] == 2  # ceil(0.25 * 8)
     for b in range(cfg.generation_batch_size):
         assert sorted(chosen[b].tolist()) == sorted(batch.pool[b].tolist())
-    for t, s in enumerate(traj.steps):  # probabilities only on pairs still in the pool
+    for t in range(traj.num_steps):  # probabilities only on pairs still in the pool
         for b in range(cfg.generation_batch_size):
             remaining = set(batch.pool[b].tolist()) - set(chosen[b, :t].tolist())
-            support = set(torch.nonzero(s.probabilities[b]).flatten().tolist())
+            support = set(torch.nonzero(traj.probabilities[b, t]).flatten().tolist())
             assert support <= remaining
-            assert torch.isclose(s.selected_prob[b], s.probabilities[b, s.selected[b]])
+            assert torch.isclose(traj.choice_probs[b, t], traj.probabilities[b, t, chosen[b, t]])
 
 
 def test_context_is_concatenation_of_separators_and_chunks(policy):
@@ -50,9 +51,9 @@ def test_context_is_concatenation_of_separators_and_chunks(policy):
     rows = torch.arange(cfg.generation_batch_size)
     B = cfg.generation_batch_size
     expected = [initial_context(batch, SEP, torch.device("cpu"))]
-    for s in traj.steps:
-        expected += [SEP.query.expand(B, -1), s.query_tokens, SEP.response.expand(B, -1),
-                     batch.value_tokens[rows, s.selected]]
+    for t in range(traj.num_steps):
+        expected += [SEP.query.expand(B, -1), traj.queries[:, t], SEP.response.expand(B, -1),
+                     batch.value_tokens[rows, traj.choices[:, t]]]
     assert torch.equal(traj.tokens, torch.cat(expected, dim=1))
     assert torch.equal(traj.tokens[:, traj.query_positions], traj.query_tokens)
 
@@ -61,19 +62,19 @@ def test_cached_logprobs_equal_re_encoding(policy):
     cfg, batch, traj = _run(policy)
     Tv, rows = cfg.tokens_per_value, torch.arange(cfg.generation_batch_size)
     with torch.no_grad():
-        for t, s in enumerate(traj.steps):
+        for t in range(traj.num_steps):
             end = traj.initial_length + (t + 1) * traj.step_length
-            torch.testing.assert_close(_naive_value_logprob(policy, traj.tokens[:, :end], Tv), s.policy_logprob,
+            torch.testing.assert_close(_naive_value_logprob(policy, traj.tokens[:, :end], Tv), traj.policy_logprob[:, t],
                                        rtol=1e-4, atol=1e-4)
             # the counterfactual: the base model after its own query in the same context
             ctx = traj.tokens[:, :end - traj.step_length]
-            cf_seq = torch.cat([ctx, SEP.query.expand(len(rows), -1), s.counterfactual_tokens,
-                                SEP.response.expand(len(rows), -1), batch.value_tokens[rows, s.selected]], dim=1)
+            cf_seq = torch.cat([ctx, SEP.query.expand(len(rows), -1), traj.counterfactuals[:, t],
+                                SEP.response.expand(len(rows), -1), batch.value_tokens[rows, traj.choices[:, t]]], dim=1)
             with base_model(policy):
                 base = _naive_value_logprob(policy, cf_seq, Tv)
-            torch.testing.assert_close(base, s.base_logprob, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(base, traj.base_logprob[:, t], rtol=1e-4, atol=1e-4)
             adapter_on = _naive_value_logprob(policy, cf_seq, Tv)
-            assert not torch.allclose(adapter_on, s.base_logprob, atol=1e-3)  # so it really was adapter-off
+            assert not torch.allclose(adapter_on, traj.base_logprob[:, t], atol=1e-3)  # so it really was adapter-off
 
 
 def test_greedy_queries_are_the_policys_argmax(policy):
@@ -93,8 +94,7 @@ def test_calculate_reward_hand_computed():
 
 def test_rewards_are_policy_minus_base(policy):
     _, _, traj = _run(policy)
-    for s in traj.steps:
-        torch.testing.assert_close(s.reward, s.policy_logprob - s.base_logprob)
+    torch.testing.assert_close(traj.rewards, traj.policy_logprob - traj.base_logprob)
     torch.testing.assert_close(traj.avg_reward, traj.rewards.mean(1))
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from attnrl_core.model import adapter_parameters, head_geometry
 from attnrl_core.rollout import rollout
-from attnrl_core.run import make_optimizer
+from attnrl_core.training import make_optimizer
 from attnrl_core.training import (RunningStats, kl_penalty, load_values, query_logits, read_length, reinforce_loss,
                                   select_trajectories, selection_threshold, update_policy)
 

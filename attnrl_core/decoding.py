@@ -1,0 +1,123 @@
+"""Decoding primitives over a preallocated KV cache: the cache, sampling, and scoring a continuation.
+
+The rollout's forward passes all go through here: a cache allocated once for the final length and
+written in place (`BufferedCache`, whose row views let some rows roll back and read other tokens),
+sampling a fixed number of tokens with no early stop, and the log-probs of a continuation read in
+one pass, with logits computed only at the positions that need them.
+Imports nothing from attnrl_core.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class _BufferLayer(DynamicLayer):
+    """A cache layer whose keys and values are views of a buffer allocated once for `max_length` positions.
+
+    `update` writes the new positions in place instead of concatenating the whole cache every token;
+    `crop` (inherited) shortens the views. `rows` gives a layer over some batch rows of the same buffer.
+    """
+
+    def __init__(self, max_length: int):
+        super().__init__()
+        self.max_length = max_length
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, D = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.key_buffer = key_states.new_empty(B, H, self.max_length, D)
+        self.value_buffer = value_states.new_empty(B, value_states.shape[1], self.max_length, value_states.shape[3])
+        self.keys, self.values = self.key_buffer[:, :, :0], self.value_buffer[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.keys.shape[2], self.keys.shape[2] + key_states.shape[2]
+        assert end <= self.max_length, f"cache holds {self.max_length} positions, {end} asked for"
+        self.key_buffer[:, :, start:end] = key_states
+        self.value_buffer[:, :, start:end] = value_states
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def rows(self, rows: slice, length: int) -> "_BufferLayer":
+        view = _BufferLayer(self.max_length)
+        view.dtype, view.device, view.is_initialized = self.dtype, self.device, True
+        view.key_buffer, view.value_buffer = self.key_buffer[rows], self.value_buffer[rows]
+        view.keys, view.values = view.key_buffer[:, :, :length], view.value_buffer[:, :, :length]
+        return view
+
+
+class BufferedCache(DynamicCache):
+    """A `DynamicCache` of `_BufferLayer`s: allocated once for `max_length` positions, written in place."""
+
+    def __init__(self, config, max_length: int, layers: list | None = None):
+        if layers is None:
+            layers = [_BufferLayer(max_length) for _ in range(config.get_text_config(decoder=True).num_hidden_layers)]
+        Cache.__init__(self, layers=layers)
+
+    def rows(self, rows: slice, length: int) -> "BufferedCache":
+        """A cache over `rows` of this one's buffers holding its first `length` positions; writes land here too."""
+        return BufferedCache(None, 0, [layer.rows(rows, length) for layer in self.layers])
+
+
+def forward_logits(model: nn.Module, ids: torch.Tensor, cache: DynamicCache, logits_to_keep: int | torch.Tensor,
+             adapter_names: list[str] | None = None) -> torch.Tensor:
+    extra = {} if adapter_names is None else {"adapter_names": adapter_names}
+    S = ids.shape[1]
+    if isinstance(logits_to_keep, int) and 0 < logits_to_keep < S:
+        # the last positions by index, not by slice: a slice of [B, S, H] is strided, and the LM head then runs
+        # as a batched matmul over B copies of its weight (much slower on the CPU; BENCHMARKS.md)
+        logits_to_keep = torch.arange(S - logits_to_keep, S, device=ids.device)
+    return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep, **extra).logits
+
+
+def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """One token per row [B, 1] from softmax(logits [B, V] / temperature), by inverting the CDF.
+
+    One uniform per row and a scan of the vocabulary, on the device, with no host synchronisation.
+    `torch.multinomial` (and the exponential race it uses for one sample) draws an exponential for
+    every vocabulary entry, 6M draws per token at B=128, V=49k: on the CPU the rollout's most
+    expensive operation in a profile (BENCHMARKS.md).
+    """
+    cdf = F.softmax(logits.float() / temperature, dim=-1).cumsum(dim=-1)  # [B, V]
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]  # scaled by the total: no rounding overflow
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)
+
+
+def sample_tokens(model: nn.Module, cache: DynamicCache, prompt: torch.Tensor, num_tokens: int,
+                  temperature: float, greedy: bool = False, adapter_names: list[str] | None = None,
+                  keep_logits: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Read `prompt` [B, S] into `cache`, then sample exactly `num_tokens` tokens [B, num_tokens].
+
+    Returns the tokens and, for the first `keep_logits` rows, the logits each token was drawn from
+    [keep_logits, num_tokens, V] (None when 0). No early stop. The last sampled token is *not* read
+    into the cache: the caller's next forward pass starts with it (so the step's value scoring and
+    context extension are one pass).
+    """
+    logits = forward_logits(model, prompt, cache, 1, adapter_names)[:, -1]  # [B, V]
+    out, kept = [], []
+    for i in range(num_tokens):
+        token = logits.argmax(dim=-1, keepdim=True) if greedy else sample_from_logits(logits, temperature)  # [B, 1]
+        out.append(token)
+        if keep_logits:
+            kept.append(logits[:keep_logits])
+        if i + 1 < num_tokens:
+            logits = forward_logits(model, token, cache, 1, adapter_names)[:, -1]
+    return torch.cat(out, dim=1), torch.stack(kept, dim=1) if keep_logits else None
+
+
+def score_continuation(model: nn.Module, cache: DynamicCache, prefix: torch.Tensor,
+                       target: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
+    """Read prefix [B, S] + target [B, T] into `cache`; return log p(target tokens) [B, T] (float32)."""
+    T = target.shape[1]
+    S = prefix.shape[1]
+    predicting = torch.arange(S - 1, S + T - 1, device=target.device)  # the positions before each target token
+    logits = forward_logits(model, torch.cat([prefix, target], dim=1), cache, predicting, adapter_names).float()
+    # log p(target) = logit(target) - logsumexp(logits): no [B, T, V] log-softmax tensor is written
+    return logits.gather(-1, target[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)

@@ -1,0 +1,147 @@
+"""The run directory's format: what a run writes, what each metric means, and how to read a run back.
+
+  config.json         TrainConfig.to_dict()
+  metrics.jsonl       one line per episode; names and meanings in METRICS, built by `episode_metrics`
+  trajectories.jsonl  one line per trajectory (`trajectory_records`): decoded queries, counterfactuals,
+                      chosen chunks, probabilities, rewards
+  checkpoints/        episode-N/ (see checkpoint.py)
+  figures/            reward curve, training panels, similarity distribution (PNG)
+  eval/               episode-N.json and .png from `evaluate`
+
+Notebooks, the evaluation and the figures read runs through this module, never through the loop.
+Imports attnrl_core.config, .checkpoint and .files (the trajectory and update types for hints only).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .checkpoint import latest_valid_checkpoint
+from .config import TrainConfig
+from .files import atomic_write_text, read_jsonl
+
+if TYPE_CHECKING:
+    from .rollout import Trajectory
+    from .training import RunningStats, UpdateResult
+
+METRICS = {
+    "episode": "episode number, from 1",
+    "reward": "mean trajectory reward of the batch (policy minus base mean value log-prob)",
+    "reward_std": "standard deviation of trajectory rewards in the batch",
+    "policy_logprob": "mean value log-prob under the policy",
+    "base_logprob": "mean value log-prob under the base model after its counterfactual query",
+    "threshold": "selection threshold (running mean + filter_num_sd * running SD before the batch); null in warm-up",
+    "selected": "trajectories selected for the update",
+    "filter_fraction": "selected / generation_batch_size",
+    "loss": "mean update loss over micro-batches (null when nothing was selected)",
+    "policy_loss": "mean REINFORCE term (null when nothing was selected)",
+    "kl": "mean summed KL(previous || current) per trajectory (null when nothing was selected)",
+    "grad_norm": "mean pre-clip gradient norm over optimizer steps (null when nothing was selected)",
+    "optimizer_steps": "optimizer steps taken this episode",
+    "skipped_steps": "optimizer steps skipped for a non-finite loss or gradient",
+    "running_mean": "running mean of all trajectory rewards after this batch",
+    "running_std": "running SD of all trajectory rewards after this batch",
+    "rollout_seconds": "seconds spent generating the batch",
+    "update_seconds": "seconds spent in the update phase",
+    "seconds": "seconds for the whole episode",
+    "tokens_per_second": "tokens read by the model (rollout + update) per second",
+    "peak_memory_bytes": "peak CUDA memory allocated (GPU) or peak resident set size (CPU)",
+    "rollout_chunk": "trajectories rolled out together (below generation_batch_size after an out-of-memory)",
+    "micro_batch": "update micro-batch size in use (halved, with accumulation doubled, after an out-of-memory)",
+    "oom_events": "out-of-memory events survived so far",
+    "eval_reward": "held-out reward of the trained policy (only every eval_every episodes)",
+    "eval_logprob": "held-out mean value log-prob of the trained policy (only every eval_every episodes)",
+}
+
+
+def episode_metrics(episode: int, traj: "Trajectory", selected: torch.Tensor, threshold: float | None,
+                    upd: "UpdateResult | None", stats: "RunningStats", finite: bool, seconds: tuple[float, float],
+                    tokens: int, **extra) -> dict:
+    """One line of metrics.jsonl, every key of METRICS. `seconds` is (rollout, update); `tokens` what the
+    model read in both; `extra` holds the run's own fields (memory, fallback sizes, evaluation)."""
+    rewards = traj.avg_reward.float()
+    n_sel = int(selected.sum())
+    rollout_s, update_s = seconds
+    row = {
+        "episode": episode, "reward": rewards.mean().item() if finite else None,
+        "reward_std": rewards.std(unbiased=False).item() if finite else None,
+        "policy_logprob": traj.policy_logprob.float().mean().item(),
+        "base_logprob": traj.base_logprob.float().mean().item(),
+        "threshold": threshold, "selected": n_sel, "filter_fraction": n_sel / traj.batch_size,
+        "loss": upd.loss if upd else None, "policy_loss": upd.policy_loss if upd else None,
+        "kl": upd.kl if upd else None, "grad_norm": upd.grad_norm if upd else None,
+        "optimizer_steps": upd.optimizer_steps if upd else 0,
+        "skipped_steps": (upd.skipped_steps if upd else 0) + (0 if finite else 1),
+        "running_mean": stats.mean, "running_std": stats.std,
+        "rollout_seconds": rollout_s, "update_seconds": update_s, "seconds": rollout_s + update_s,
+        "tokens_per_second": tokens / (rollout_s + update_s),
+        "eval_reward": None, "eval_logprob": None,
+        **extra,
+    }
+    assert set(METRICS) <= set(row), set(METRICS) - set(row)
+    return row
+
+
+def trajectory_records(traj: "Trajectory", tokenizer, episode: int, selected: torch.Tensor) -> list[dict]:
+    """Decoded text of every step, one record per trajectory (for trajectories.jsonl)."""
+    batch, B, P = traj.batch, traj.batch_size, traj.num_steps
+    decode = tokenizer.batch_decode
+    rows = traj.choices.cpu()
+    values = batch.value_tokens[torch.arange(B)[:, None], rows]  # [B, P, Tv]
+    text = {"query": decode(traj.queries.flatten(0, 1)), "counterfactual": decode(traj.counterfactuals.flatten(0, 1)),
+            "value": decode(values.flatten(0, 1))}  # B*P strings each, row-major
+    numbers = {"pair": traj.choices, "prob": traj.choice_probs, "probs": traj.probabilities,
+               "policy_logprob": traj.policy_logprob, "base_logprob": traj.base_logprob, "reward": traj.rewards}
+    numbers = {k: v.float().tolist() if k != "pair" else v.tolist() for k, v in numbers.items()}
+    first_keys, first_values = decode(batch.key_tokens[:, 0]), decode(batch.value_tokens[:, 0])
+    return [{"episode": episode, "trajectory": b, "article_id": batch.article_ids[b], "title": batch.titles[b],
+             "reward": sum(numbers["reward"][b]) / P, "selected": bool(selected[b]), "pool": batch.pool[b].tolist(),
+             "example_key": first_keys[b], "example_value": first_values[b],
+             "steps": [{"step": t, **{k: v[b * P + t] for k, v in text.items()},
+                        **{k: v[b][t] for k, v in numbers.items()}} for t in range(P)]}
+            for b in range(B)]
+
+
+def project_path(*parts: str) -> Path:
+    """A path in this checkout (runs/, figures/) whatever the working directory — notebooks run from
+    notebooks/ under nbmake and from anywhere under papermill. Falls back to the working directory."""
+    root = Path(__file__).resolve().parents[1]
+    return (root if (root / "pyproject.toml").is_file() else Path.cwd()).joinpath(*parts)
+
+
+def default_run_dir(preset: str) -> Path:
+    return project_path("runs", f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def write_config(run_dir: Path, cfg: TrainConfig) -> None:
+    """Create the run directory (with figures/) if needed and write config.json atomically."""
+    (Path(run_dir) / "figures").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(run_dir) / "config.json", json.dumps(cfg.to_dict(), indent=2))
+
+
+def load_run(run_dir: str | Path) -> tuple[TrainConfig, list[dict], list[dict]]:
+    """(config, metrics, trajectories) of a run directory, for notebooks and analysis."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise ValueError(f"{str(run_dir)!r} is not a run directory (no config.json)")
+    cfg = TrainConfig.from_file(run_dir / "config.json")
+    return cfg, read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "trajectories.jsonl")
+
+
+def prepare_run_dir(cfg: TrainConfig, resume: bool) -> tuple[Path, Path | None]:
+    """(run dir, checkpoint to resume from). Refuses to touch an existing run unless resuming."""
+    out = Path(cfg.output_dir)
+    if resume:
+        ckpt = latest_valid_checkpoint(out)
+        if ckpt is None:
+            raise ValueError(f"--resume: no valid checkpoint in {out}/checkpoints: start a new run without --resume")
+        return out, ckpt
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"output_dir {str(out)!r} exists and is not empty: pass --resume to continue it "
+                         f"or choose a new --output_dir")
+    return out, None
