@@ -26,4 +26,11 @@ Modules, lowest first (each imports only modules above it):
   __main__    the command line
 """
 
+import logging
+
 __version__ = "0.1.0"
+
+# bitsandbytes logs, when it is imported on a CPU without the optional `kernels` package, that it could
+# not load a 4-bit kernel this project never uses; peft imports it, so the filter must exist before any
+# module does. Exactly that message is dropped; everything else bitsandbytes says still shows.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "gemm_4bit_forward" not in record.msg)

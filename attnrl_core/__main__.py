@@ -17,8 +17,6 @@ from .config import TrainConfig, add_config_arguments, config_from_args
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .run import train
-
     if args.resume:
         if not args.output_dir:
             raise ValueError("--resume needs --output_dir DIR of the run to continue")
@@ -29,6 +27,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig.from_file(stored, **more)
     else:
         cfg = config_from_args(args)
+    from .run import train  # after the config is valid: a refused flag answers before torch loads
+
     t0 = time.perf_counter()
     out = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"run finished in {time.perf_counter() - t0:.1f}s: {out}")

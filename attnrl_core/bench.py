@@ -33,8 +33,8 @@ from .config import EMBEDDED_DATASET, TrainConfig
 from .data import KeyValueBatch, Separators, encode_separators, iter_key_value_batches
 from .embeddings import key_embedding_fn, query_embeddings
 from .host import keep_freed_memory, peak_memory_bytes, reset_peak_memory, synchronize
-from .model import (HeadGeometry, adapter_parameters, attach_adapter, base_model, head_geometry, load_policy,
-                    load_tokenizer, resolve_device, resolve_dtype)
+from .model import (HeadGeometry, adapter_parameters, attach_adapter, base_model, float32_head, head_geometry,
+                    load_policy, load_tokenizer, resolve_device, resolve_dtype)
 from .rollout import initial_context, rollout
 from .training import load_values, make_optimizer, read_length, update_policy
 
@@ -130,7 +130,7 @@ def _llama_3b_shape(cfg: TrainConfig, device: torch.device):
     with torch.device(device):
         model = LlamaForCausalLM(config).to(resolve_dtype(cfg, device)).eval()
     tokenizer = load_tokenizer(TrainConfig.from_preset("embedded"))  # ids fit in the larger vocabulary
-    return attach_adapter(model, cfg), tokenizer
+    return attach_adapter(float32_head(model), cfg), tokenizer
 
 
 @dataclass

@@ -128,9 +128,38 @@ def latest_valid_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
+ADAPTER_SHAPE = ("r", "lora_alpha", "target_modules")  # what must match for the weights to mean the same
+
+
+def _adapter_shape(config: dict) -> dict:
+    targets = config.get("target_modules")
+    return {"r": config.get("r"), "lora_alpha": config.get("lora_alpha"),
+            "target_modules": sorted(targets) if isinstance(targets, (list, set, tuple)) else targets}
+
+
 def load_adapter(path: Path, model) -> None:
-    """Load a checkpoint's adapter weights into a model that has the same adapter attached."""
-    set_peft_model_state_dict(model, load_file(Path(path) / "adapter_model.safetensors"))
+    """Load a checkpoint's adapter weights into a model that has the same adapter attached.
+
+    Refuses, with one line naming the checkpoint, an adapter whose rank, alpha or target modules differ
+    from the attached one, and weights with missing or unexpected adapter keys: peft loads such a
+    file silently (strict=False), which would leave the adapter untrained while calling it trained.
+    """
+    path = Path(path)
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise ValueError(f"checkpoint {path} has no adapter_config.json: it is not a peft adapter folder")
+    stored = _adapter_shape(json.loads(config_file.read_text()))
+    attached = _adapter_shape(vars(model.peft_config[model.active_adapter]))
+    if stored != attached:
+        diff = ", ".join(f"{k} {stored[k]!r} vs {attached[k]!r}" for k in ADAPTER_SHAPE if stored[k] != attached[k])
+        raise ValueError(f"checkpoint {path} holds a different adapter ({diff} in the model): load it with the "
+                         "run's own config.json")
+    result = set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"checkpoint {path} does not match the model's adapter: {len(missing)} adapter weights "
+                         f"missing (e.g. {missing[:1]}), {len(result.unexpected_keys)} unexpected "
+                         f"(e.g. {result.unexpected_keys[:1]}): load it with the run's own config and model")
 
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:

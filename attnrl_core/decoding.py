@@ -74,7 +74,7 @@ def forward_logits(model: nn.Module, ids: torch.Tensor, cache: DynamicCache, log
         # the last positions by index, not by slice: a slice of [B, S, H] is strided, and the LM head then runs
         # as a batched matmul over B copies of its weight (much slower on the CPU; BENCHMARKS.md)
         logits_to_keep = torch.arange(S - logits_to_keep, S, device=ids.device)
-    return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep, **extra).logits
+    return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep, **extra).logits
 
 
 def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

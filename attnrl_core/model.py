@@ -1,5 +1,6 @@
 """Base model + one LoRA adapter, head geometry, and the adapter on/off switch (whole model or per row);
-the base model loads with SDPA attention that passes grouped KV heads to the CPU kernel as they are.
+the base model loads with SDPA attention that passes grouped KV heads to the CPU kernel as they are,
+and, in bf16/fp16, with its LM head computed in float32.
 
 The base model is the same weights with the adapter disabled (`base_model(model)`), never a second
 copy (TRL's reference-model trick). Imports attnrl_core.config and attnrl_core.assets only.
@@ -8,6 +9,7 @@ copy (TRL's reference-model trick). Imports attnrl_core.config and attnrl_core.a
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -82,14 +84,45 @@ def load_base_model(cfg: TrainConfig, device: torch.device | None = None) -> nn.
     device = device or resolve_device(cfg)
     model = AutoModelForCausalLM.from_pretrained(_source(cfg.model_name), dtype=resolve_dtype(cfg, device),
                                                  attn_implementation=gqa_attention())
-    return model.to(device).eval()
+    return float32_head(model.to(device)).eval()
+
+
+class Float32Head(nn.Module):
+    """The LM head computed in float32 from a (bf16 or fp16) hidden state: `F.linear(h.float(), W32)`.
+
+    Rewards are differences of mean value log-probs of the order of 1e-2, and so are the KL and
+    REINFORCE terms; logits rounded to bf16 (a spacing of 0.125 above 16) would add noise of that size
+    before any float32 log-softmax. W32 is the head's own weight upcast once (exact: bf16 values are
+    float32 values), so the logits are those of the bf16 model without the final rounding. Costs 4 V H
+    bytes of memory and a float32 matmul over the positions where logits are computed.
+    """
+
+    def __init__(self, head: nn.Linear):
+        super().__init__()
+        assert head.bias is None, "Llama-family heads have no bias"
+        # a buffer of its own name: re-tying the embeddings (`tie_weights`) cannot swap it back to bf16
+        self.register_buffer("weight_fp32", head.weight.detach().float().clone(), persistent=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden.float(), self.weight_fp32)
+
+
+def float32_head(model: nn.Module) -> nn.Module:
+    """Give a model in reduced precision a `Float32Head` (no-op in float32); returns the model."""
+    head = model.get_output_embeddings()
+    if isinstance(head, nn.Linear) and head.weight.dtype != torch.float32:
+        model.set_output_embeddings(Float32Head(head))
+    return model
 
 
 def attach_adapter(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """Wrap `model` with one LoRA adapter; only the adapter's parameters require gradients."""
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.target_modules, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, lora)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` inside get_peft_model: not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        peft_model = get_peft_model(model, lora)
     for name, p in peft_model.named_parameters():
         assert p.requires_grad == ("lora_" in name), name
     return peft_model.eval()

@@ -186,10 +186,26 @@ class UpdateResult:
     micro_batch_kl: list[float]  # KL term of each micro-batch in order (the first is ~0: previous = current)
 
 
+def optimizer_step_sizes(n: int, max_size: int) -> list[int]:
+    """Split n selected trajectories into as few optimizer steps of at most `max_size` as possible, of
+    near-equal size (17 with 16 per step -> [9, 8], not [16, 1]: a lone leftover would otherwise get
+    a whole step, or a micro-batch's weight, of its own)."""
+    steps = math.ceil(n / max_size)
+    size, extra = divmod(n, steps)
+    return [size + 1] * extra + [size] * (steps - extra)
+
+
 def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory: Trajectory,
                   selected: torch.Tensor, *, training_batch_size: int, gradient_accumulation_steps: int = 1,
                   beta: float = 0.1, max_grad_norm: float = 1.0, query_temperature: float = 1.0) -> UpdateResult | None:
-    """One update phase over the selected trajectories; None when nothing was selected."""
+    """One update phase over the selected trajectories; None when nothing was selected.
+
+    An optimizer step covers up to `training_batch_size * gradient_accumulation_steps` trajectories
+    (`optimizer_step_sizes`), read in micro-batches of up to `training_batch_size`; each micro-batch's
+    loss is weighted by its share of the step, so every trajectory of a step weighs the same whatever
+    the micro-batch sizes, and halving the micro-batch while doubling accumulation (the out-of-memory
+    fallback) gives the same gradient.
+    """
     index = selected.nonzero().squeeze(1).cpu()
     if index.numel() == 0:
         return None
@@ -198,37 +214,35 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory
     tokens_all, rewards_all = trajectory.tokens.clone(), trajectory.avg_reward.clone().float()
     positions = trajectory.query_positions.to(tokens_all.device)
     previous = None if trajectory.query_logits is not None else [p.detach().clone() for p in params]
-    micro_batches = index.split(training_batch_size)
-    sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0}
-    micro_kl = []
-    norms, skipped, steps = [], 0, 0
+    sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0}  # weighted by trajectories
+    micro_kl, norms, skipped = [], [], 0
+    step_sizes = optimizer_step_sizes(index.numel(), training_batch_size * gradient_accumulation_steps)
     optimizer.zero_grad(set_to_none=True)
-    for i, mb in enumerate(micro_batches):
-        mb = mb.to(tokens_all.device)
-        tokens, rewards = tokens_all[mb], rewards_all[mb]
-        prev_logits = previous_policy_logits(model, trajectory, mb, tokens, positions, params, previous)
-        model.train()
-        terms = reinforce_loss(query_logits(model, tokens, positions), prev_logits, tokens[:, positions], rewards,
-                               beta, query_temperature)
-        group_start = (i // gradient_accumulation_steps) * gradient_accumulation_steps
-        group_size = min(gradient_accumulation_steps, len(micro_batches) - group_start)
-        (terms.loss / group_size).backward()
-        for k in sums:
-            sums[k] += getattr(terms, k).item()
-        micro_kl.append(terms.kl.item())
-        if i + 1 == group_start + group_size:  # end of an accumulation group: one optimizer step
-            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
-            if math.isfinite(norm) and math.isfinite(terms.loss.item()):
-                optimizer.step()
-                norms.append(norm)
-                steps += 1
-            else:
-                skipped += 1
-            optimizer.zero_grad(set_to_none=True)
+    for step_rows in index.split(step_sizes):
+        finite = True
+        for mb in step_rows.split(training_batch_size):
+            mb = mb.to(tokens_all.device)
+            tokens, rewards = tokens_all[mb], rewards_all[mb]
+            prev_logits = previous_policy_logits(model, trajectory, mb, tokens, positions, params, previous)
+            model.train()
+            terms = reinforce_loss(query_logits(model, tokens, positions), prev_logits, tokens[:, positions], rewards,
+                                   beta, query_temperature)
+            (terms.loss * (len(mb) / len(step_rows))).backward()  # the step's mean over its trajectories
+            for k in sums:
+                sums[k] += getattr(terms, k).item() * len(mb)
+            micro_kl.append(terms.kl.item())
+            finite = finite and math.isfinite(terms.loss.item())
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+        if finite and math.isfinite(norm):
+            optimizer.step()
+            norms.append(norm)
+        else:
+            skipped += 1
+        optimizer.zero_grad(set_to_none=True)
     model.eval()
-    n = len(micro_batches)
+    n = index.numel()
     return UpdateResult(sums["loss"] / n, sums["policy_loss"] / n, sums["kl"] / n,
-                        sum(norms) / len(norms) if norms else float("nan"), steps, skipped, micro_kl)
+                        sum(norms) / len(norms) if norms else float("nan"), len(norms), skipped, micro_kl)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

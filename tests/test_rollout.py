@@ -116,12 +116,12 @@ def test_buffered_cache_rows_are_written_in_place():
     first, second, other = torch.randint(0, 300, (4, 7)), torch.randint(0, 300, (4, 3)), torch.randint(0, 300, (2, 3))
     with torch.no_grad():
         cache = BufferedCache(model.config, 10)
-        model(input_ids=first, past_key_values=cache)
-        model(input_ids=second, past_key_values=cache)
-        model(input_ids=other, past_key_values=cache.rows(slice(2, 4), 7))  # rows 2-3 read `other` instead
+        model(input_ids=first, cache=cache)
+        model(input_ids=second, cache=cache)
+        model(input_ids=other, cache=cache.rows(slice(2, 4), 7))  # rows 2-3 read `other` instead
         assert cache.get_seq_length() == 10
         expected = DynamicCache(config=model.config)
-        model(input_ids=torch.cat([first, torch.cat([second[:2], other])], dim=1), past_key_values=expected)
+        model(input_ids=torch.cat([first, torch.cat([second[:2], other])], dim=1), cache=expected)
     for got, want in zip(cache.layers, expected.layers):
         torch.testing.assert_close(got.keys, want.keys, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got.values, want.values, rtol=1e-5, atol=1e-5)
@@ -140,7 +140,34 @@ def test_gqa_attention_reads_onto_a_cache_like_sdpa_without_repeating_heads(monk
         model.set_attn_implementation(impl)
         repeats.clear()
         cache = DynamicCache(config=model.config)
-        model(input_ids=ids[:, :7], past_key_values=cache, use_cache=True)
-        logits[impl] = model(input_ids=ids[:, 7:], past_key_values=cache, use_cache=True).logits  # a masked read
+        model(input_ids=ids[:, :7], cache=cache, use_cache=True)
+        logits[impl] = model(input_ids=ids[:, 7:], cache=cache, use_cache=True).logits  # a masked read
         assert bool(repeats) == (impl == "sdpa"), (impl, repeats)  # GQA: the kernel takes the 2 KV heads as they are
     torch.testing.assert_close(logits[GQA_SDPA], logits["sdpa"])
+
+
+def test_scoring_a_bf16_model_keeps_float32_logits():
+    """In bf16 the LM head runs in float32 on the bf16 hidden state: the value log-probs equal those of an
+    exact float32 head to 1e-5, where logits rounded to bf16 (spacing 0.125 above 16) miss by > 1e-2."""
+    import torch.nn.functional as F
+
+    from attnrl_core.decoding import score_continuation
+    from attnrl_core.model import Float32Head, float32_head
+
+    model = tiny_llama()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(60)  # logits of tens, as a trained model's are
+    model = float32_head(model.to(torch.bfloat16))
+    assert isinstance(model.lm_head, Float32Head)
+    ids = torch.randint(10, VOCAB, (3, 14), generator=torch.Generator().manual_seed(0))
+    prefix, target = ids[:, :8], ids[:, 8:]
+    seen = {}
+    model.lm_head.register_forward_hook(lambda m, inputs, out: seen.update(hidden=inputs[0]))
+    with torch.no_grad():
+        got = score_continuation(model, DynamicCache(config=model.config), prefix, target)
+    assert seen["hidden"].dtype == torch.bfloat16
+    exact = F.linear(seen["hidden"].float(), model.lm_head.weight_fp32)  # [3, 6, V] at the scored positions
+    for logits, close in ((exact, True), (exact.bfloat16().float(), False)):
+        want = F.log_softmax(logits, -1).gather(-1, target[..., None]).squeeze(-1)
+        assert torch.allclose(got, want, atol=1e-5, rtol=0) == close, (got - want).abs().max()
+    assert (got - F.log_softmax(exact.bfloat16().float(), -1).gather(-1, target[..., None]).squeeze(-1)).abs().max() > 1e-2

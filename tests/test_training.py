@@ -162,3 +162,59 @@ def test_nothing_selected_means_no_update(policy):
     assert update_policy(policy, make_optimizer(policy, cfg), traj, torch.zeros(4, dtype=torch.bool),
                          training_batch_size=2) is None
     assert all(torch.equal(a, b) for a, b in zip(before, adapter_parameters(policy)))
+
+
+# -- fair weighting across micro-batches and optimizer steps ----------------------------------------------
+def test_optimizer_steps_are_near_equal():
+    from attnrl_core.training import optimizer_step_sizes
+
+    assert optimizer_step_sizes(17, 16) == [9, 8]
+    assert optimizer_step_sizes(5, 4) == [3, 2]
+    assert optimizer_step_sizes(16, 16) == [16]
+    assert optimizer_step_sizes(33, 16) == [11, 11, 11]
+    assert optimizer_step_sizes(1, 16) == [1]
+
+
+def _step_gradients(policy, traj, selected, micro_batch, accumulation):
+    """The (unclipped) adapter gradient of every optimizer step of one update phase, from the same start."""
+    start = [p.detach().clone() for p in adapter_parameters(policy)]
+    opt = torch.optim.SGD(adapter_parameters(policy), lr=0.0)  # lr 0: every phase starts from the same adapter
+    grads = []
+    real_step = opt.step
+
+    def step(*args, **kwargs):
+        grads.append(torch.cat([p.grad.flatten() for p in adapter_parameters(policy)]).clone())
+        return real_step(*args, **kwargs)
+
+    opt.step = step
+    update_policy(policy, opt, traj, selected, training_batch_size=micro_batch,
+                  gradient_accumulation_steps=accumulation, max_grad_norm=1e9)
+    load_values(adapter_parameters(policy), start)
+    return grads
+
+
+def test_every_trajectory_weighs_the_same_whatever_the_micro_batches(policy):
+    """3 selected in micro-batches [2, 1] accumulated into one step: each trajectory weighs a third
+    (the per-micro-batch mean gave 1/4, 1/4, 1/2), the same as one micro-batch of 3."""
+    _, traj = _trajectory(policy)
+    selected = torch.tensor([True, True, False, True])
+    whole = _step_gradients(policy, traj, selected, micro_batch=4, accumulation=1)
+    split = _step_gradients(policy, traj, selected, micro_batch=2, accumulation=2)
+    single = _step_gradients(policy, traj, selected, micro_batch=1, accumulation=4)
+    assert len(whole) == len(split) == len(single) == 1
+    torch.testing.assert_close(split[0], whole[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(single[0], whole[0], rtol=1e-4, atol=1e-6)
+
+
+def test_halving_the_micro_batch_keeps_the_steps_and_gradients(policy):
+    """5 selected with up to 4 per step are steps of [3, 2] (not [4, 1]); the out-of-memory fallback
+    (micro-batch / 2, accumulation x 2) takes the same steps with the same gradients."""
+    _, traj = _trajectory(policy, generation_batch_size=6)
+    selected = torch.tensor([True, True, False, True, True, True])
+    full = _step_gradients(policy, traj, selected, micro_batch=4, accumulation=1)
+    halved = _step_gradients(policy, traj, selected, micro_batch=2, accumulation=2)
+    first_three = _step_gradients(policy, traj, torch.tensor([True, True, False, True, False, False]), 3, 1)
+    assert len(full) == len(halved) == 2
+    for a, b in zip(full, halved):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(full[0], first_three[0], rtol=1e-4, atol=1e-6)

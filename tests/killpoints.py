@@ -1,0 +1,191 @@
+"""Kill a training run at a chosen point, or at random moments, and check that `--resume` recovers.
+
+As a child process: `python tests/killpoints.py POINT COUNT -- ARGS` runs `python -m attnrl_core ARGS`
+in this process and SIGKILLs it at the COUNT-th occurrence of POINT (no cleanup, no flush: as a crash
+or an out-of-memory killer would):
+
+  load            the model is being loaded (`from_pretrained`)
+  rollout         a rollout is choosing a pair (`torch.multinomial`)
+  update          an update has just computed a gradient (`Tensor.backward`)
+  write:NAME      a file whose name contains NAME is being written: half of the first write reaches
+                  the file, then the process dies (a torn log line, a half-written config or checkpoint)
+
+As a script: `python tests/killpoints.py --trials 20` kills a short run at 20 random moments, resumes
+each until it finishes, and compares every final adapter with an uninterrupted run's (to 1e-6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import io
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RUN = ["--preset", "embedded", "--generation_batch_size", "2", "--training_batch_size", "1", "--num_kv_pairs", "3",
+       "--tokens_per_key", "8", "--tokens_per_value", "8", "--tokens_per_query", "6", "--warmup_trajectories", "2",
+       "--filter_num_sd", "0", "--learning_rate", "1e-3", "--checkpoint_every", "1", "--no_progress",
+       "--num_episodes", "4"]
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _nth(count: int):
+    """A callable that returns True on its `count`-th call."""
+    calls = [0]
+
+    def hit() -> bool:
+        calls[0] += 1
+        return calls[0] == count
+
+    return hit
+
+
+class _TornWriter:
+    """A file object whose first write stops halfway, then kills the process."""
+
+    def __init__(self, fh):
+        self._fh = fh
+
+    def write(self, data):
+        self._fh.write(data[: max(1, len(data) // 2)])
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        _die()
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._fh.__exit__(*exc)
+
+
+def arm(point: str, count: int) -> None:
+    """Install the kill at the `count`-th `point` in this process."""
+    hit = _nth(count)
+    if point == "load":
+        import transformers
+
+        real = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+        def from_pretrained(cls, *args, **kwargs):
+            if hit():
+                _die()
+            return real(cls, *args, **kwargs)
+
+        transformers.AutoModelForCausalLM.from_pretrained = classmethod(from_pretrained)
+    elif point == "rollout":
+        import torch
+
+        real_multinomial = torch.multinomial
+
+        def multinomial(*args, **kwargs):
+            if hit():
+                _die()
+            return real_multinomial(*args, **kwargs)
+
+        torch.multinomial = multinomial
+    elif point == "update":
+        import torch
+
+        real_backward = torch.Tensor.backward
+
+        def backward(self, *args, **kwargs):
+            real_backward(self, *args, **kwargs)
+            if hit():
+                _die()
+
+        torch.Tensor.backward = backward
+    elif point.startswith("write:"):
+        name, real_open = point.split(":", 1)[1], builtins.open
+
+        def open_(file, mode="r", *args, **kwargs):
+            fh = real_open(file, mode, *args, **kwargs)
+            if any(m in mode for m in "wa") and name in os.fspath(file) and hit():
+                return _TornWriter(fh)
+            return fh
+
+        builtins.open = io.open = open_
+    else:
+        raise ValueError(f"unknown kill point {point!r}")
+
+
+def run_child(point: str | None, count: int, args: list[str], timeout: float = 600) -> int:
+    """Run the CLI in a child (killed at `point` if given); its exit code (-9 when killed)."""
+    cmd = [sys.executable, __file__, point or "none", str(count), "--", *args]
+    return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout).returncode
+
+
+def final_adapter(run_dir: Path, episode: int):
+    from safetensors.torch import load_file
+
+    return load_file(Path(run_dir) / "checkpoints" / f"episode-{episode}" / "adapter_model.safetensors")
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _trials(n: int, seed: int) -> int:
+    """Kill the RUN at `n` random moments, resume until done, compare with an uninterrupted run."""
+    rng = random.Random(seed)
+    work = Path(tempfile.mkdtemp(prefix="kill-trials-"))
+    t0 = time.perf_counter()
+    assert run_child(None, 0, ["train", *RUN, "--output_dir", str(work / "ref")]) == 0
+    duration = time.perf_counter() - t0
+    reference = final_adapter(work / "ref", 4)
+    print(f"uninterrupted run: {duration:.1f}s; killing at uniform random moments in [0, {duration:.1f}] s")
+    failures = 0
+    for i in range(n):
+        out = work / f"trial-{i}"
+        delay = rng.uniform(0, duration)
+        proc = subprocess.Popen([sys.executable, "-m", "attnrl_core", "train", *RUN, "--output_dir", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        ckpts = sorted(p.name for p in (out / "checkpoints").glob("episode-*")) if out.exists() else []
+        if ckpts:
+            code = run_child(None, 0, ["train", "--resume", "--output_dir", str(out), "--no_progress"])
+        else:  # killed before the first checkpoint: nothing to resume, start again as a user would
+            shutil.rmtree(out, ignore_errors=True)
+            code = run_child(None, 0, ["train", *RUN, "--output_dir", str(out)])
+        diff = max_difference(reference, final_adapter(out, 4)) if code == 0 else float("nan")
+        ok = code == 0 and diff <= 1e-6
+        failures += not ok
+        print(f"trial {i + 1:2d}: killed at {delay:5.1f}s, checkpoints then {ckpts or 'none'}, "
+              f"resume exit {code}, max adapter difference {diff:.1e} {'ok' if ok else 'FAIL'}", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"{n - failures} of {n} trials ended with the uninterrupted run's adapter")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--trials"]:
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--trials", type=int, required=True)
+        parser.add_argument("--seed", type=int, default=0)
+        opts = parser.parse_args()
+        sys.exit(_trials(opts.trials, opts.seed))
+    point, count, sep, *cli = sys.argv[1:]
+    assert sep == "--", sys.argv
+    if point != "none":
+        arm(point, int(count))
+    from attnrl_core.__main__ import main
+
+    sys.exit(main(cli))
