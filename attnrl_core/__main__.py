@@ -8,6 +8,7 @@ Imports attnrl_core.config (and, per command, .run, .assets, .evaluate, .bench o
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -49,9 +50,12 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, format_report
 
-    report = evaluate(args.run_dir, args.checkpoint, args.num_articles, args.seed)
+    report = evaluate(args.run_dir, args.checkpoint, args.num_articles, args.seed, args.samples_per_article,
+                      args.windows_per_article, progress=not args.json)
     print(format_report(report))
     print(f"written: {args.run_dir}/eval/{report['checkpoint']}.json and .png")
+    if args.json:
+        print(json.dumps(report))
     return 0
 
 
@@ -67,6 +71,16 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     rows = run_checks(args.output_dir)
     print(format_table(rows))
     return 1 if any(r[1] == "FAIL" for r in rows) else 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,8 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="compare a trained policy with baselines on held-out articles")
     ev.add_argument("--run_dir", required=True, help="run directory to evaluate")
     ev.add_argument("--checkpoint", type=int, default=None, help="episode of the checkpoint (default: latest valid)")
-    ev.add_argument("--num_articles", type=int, default=16, help="held-out articles to score")
-    ev.add_argument("--seed", type=int, default=0, help="seed shared by all methods")
+    ev.add_argument("--num_articles", type=_positive, default=16, help="held-out articles to score")
+    ev.add_argument("--seed", type=int, default=0, help="seed of every method's generator (the same for all)")
+    ev.add_argument("--samples_per_article", type=_positive, default=4, help="rollouts per held-out unit and method")
+    ev.add_argument("--windows_per_article", type=_positive, default=4,
+                    help="non-overlapping windows per held-out article, where it is long enough (each a unit)")
+    ev.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
     ev.set_defaults(func=_cmd_evaluate)
     bench = sub.add_parser("bench", help="measure rollout/update throughput against a naive path and the hardware")
     bench.add_argument("--preset", choices=["embedded", "llama-3.2-3b-shape"], default="embedded",

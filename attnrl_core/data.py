@@ -127,8 +127,9 @@ def iter_wikipedia_articles(cfg: TrainConfig, start: DataPosition | None = None,
 
 
 def tokenize_articles(articles: Iterable[dict], tokenizer, min_tokens: int, max_scan: int,
-                      batch_size: int = 32) -> Iterator[tuple[dict, torch.Tensor]]:
-    """(article, ids [min_tokens]) for articles with at least `min_tokens` tokens, tokenised once each.
+                      batch_size: int = 32, max_tokens: int | None = None) -> Iterator[tuple[dict, torch.Tensor]]:
+    """(article, ids [min_tokens..max_tokens]) for articles with at least `min_tokens` tokens, tokenised once
+    each and truncated at `max_tokens` (default `min_tokens`: exactly that many).
 
     Gives up with a clear error after `max_scan` consecutive articles that are too short, so a stream
     that never yields a long-enough article ends instead of hanging.
@@ -137,7 +138,7 @@ def tokenize_articles(articles: Iterable[dict], tokenizer, min_tokens: int, max_
     it = iter(articles)
     while chunk := list(itertools.islice(it, batch_size)):
         ids = tokenizer([a["text"] for a in chunk], add_special_tokens=False, truncation=True,
-                        max_length=min_tokens)["input_ids"]
+                        max_length=max_tokens or min_tokens)["input_ids"]
         for article, tokens in zip(chunk, ids):
             if len(tokens) < min_tokens:
                 rejected += 1
@@ -231,13 +232,13 @@ def add_embeddings(batches: Iterable[KeyValueBatch],
 
 def long_articles(cfg: TrainConfig, tokenizer, split: str = "train", min_tokens: int | None = None,
                   passes: int | None = None, start: DataPosition | None = None,
-                  position: DataPosition | None = None) -> Iterator[tuple[dict, torch.Tensor]]:
-    """The one entry point for "long-enough articles of a split": (article, ids [min_tokens]) for each
-    article of `split` with at least `min_tokens` tokens (default `cfg.min_article_tokens`), tokenised one
-    at a time so that `position` after an article is exactly the articles consumed."""
+                  position: DataPosition | None = None, max_tokens: int | None = None) -> Iterator[tuple[dict, torch.Tensor]]:
+    """The one entry point for "long-enough articles of a split": (article, ids [min_tokens..max_tokens]) for
+    each article of `split` with at least `min_tokens` tokens (default `cfg.min_article_tokens`), tokenised
+    one at a time so that `position` after an article is exactly the articles consumed."""
     articles = iter_wikipedia_articles(cfg, start=start, position=position, split=split, passes=passes)
     return tokenize_articles(articles, tokenizer, min_tokens or cfg.min_article_tokens, cfg.max_scan_articles,
-                             batch_size=1)
+                             batch_size=1, max_tokens=max_tokens)
 
 
 def iter_key_value_batches(cfg: TrainConfig, tokenizer, embed_fn: Callable[[torch.Tensor], torch.Tensor] | None,

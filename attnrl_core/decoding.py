@@ -45,6 +45,19 @@ class _BufferLayer(DynamicLayer):
         self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
         return self.keys, self.values
 
+    def repeated(self, times: int, length: int, extra: int) -> "_BufferLayer":
+        """A new layer holding each row's first `length` positions `times` times (row i -> rows i*times..),
+        with room for `extra` more."""
+        layer = _BufferLayer(length + extra)
+        layer.dtype, layer.device, layer.is_initialized = self.dtype, self.device, True
+        for name in ("key_buffer", "value_buffer"):
+            old = getattr(self, name)
+            new = old.new_empty(old.shape[0] * times, old.shape[1], length + extra, old.shape[3])
+            new[:, :, :length] = old[:, :, :length].repeat_interleave(times, dim=0)
+            setattr(layer, name, new)
+        layer.keys, layer.values = layer.key_buffer[:, :, :length], layer.value_buffer[:, :, :length]
+        return layer
+
     def rows(self, rows: slice, length: int) -> "_BufferLayer":
         view = _BufferLayer(self.max_length)
         view.dtype, view.device, view.is_initialized = self.dtype, self.device, True
@@ -65,9 +78,15 @@ class BufferedCache(DynamicCache):
         """A cache over `rows` of this one's buffers holding its first `length` positions; writes land here too."""
         return BufferedCache(None, 0, [layer.rows(rows, length) for layer in self.layers])
 
+    def repeated(self, times: int, extra: int) -> "BufferedCache":
+        """A copy with every row repeated `times` times (row i -> rows i*times .. i*times+times-1) and room
+        for `extra` more positions: candidate continuations of the same context, without re-encoding it."""
+        length = self.get_seq_length()
+        return BufferedCache(None, 0, [layer.repeated(times, length, extra) for layer in self.layers])
+
 
 def forward_logits(model: nn.Module, ids: torch.Tensor, cache: DynamicCache, logits_to_keep: int | torch.Tensor,
-             adapter_names: list[str] | None = None) -> torch.Tensor:
+                   adapter_names: list[str] | None = None) -> torch.Tensor:
     extra = {} if adapter_names is None else {"adapter_names": adapter_names}
     S = ids.shape[1]
     if isinstance(logits_to_keep, int) and 0 < logits_to_keep < S:
@@ -77,22 +96,24 @@ def forward_logits(model: nn.Module, ids: torch.Tensor, cache: DynamicCache, log
     return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep, **extra).logits
 
 
-def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row [B, 1] from softmax(logits [B, V] / temperature), by inverting the CDF.
 
     One uniform per row and a scan of the vocabulary, on the device, with no host synchronisation.
     `torch.multinomial` (and the exponential race it uses for one sample) draws an exponential for
     every vocabulary entry, 6M draws per token at B=128, V=49k: on the CPU the rollout's most
-    expensive operation in a profile (BENCHMARKS.md).
+    expensive operation in a profile (BENCHMARKS.md). `generator` (on the logits' device) replaces
+    the global one.
     """
     cdf = F.softmax(logits.float() / temperature, dim=-1).cumsum(dim=-1)  # [B, V]
-    u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]  # scaled by the total: no rounding overflow
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * cdf[:, -1:]  # scaled by the total: no rounding overflow
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)
 
 
 def sample_tokens(model: nn.Module, cache: DynamicCache, prompt: torch.Tensor, num_tokens: int,
                   temperature: float, greedy: bool = False, adapter_names: list[str] | None = None,
-                  keep_logits: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  keep_logits: int = 0, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Read `prompt` [B, S] into `cache`, then sample exactly `num_tokens` tokens [B, num_tokens].
 
     Returns the tokens and, for the first `keep_logits` rows, the logits each token was drawn from
@@ -103,7 +124,8 @@ def sample_tokens(model: nn.Module, cache: DynamicCache, prompt: torch.Tensor, n
     logits = forward_logits(model, prompt, cache, 1, adapter_names)[:, -1]  # [B, V]
     out, kept = [], []
     for i in range(num_tokens):
-        token = logits.argmax(dim=-1, keepdim=True) if greedy else sample_from_logits(logits, temperature)  # [B, 1]
+        token = (logits.argmax(dim=-1, keepdim=True) if greedy
+                 else sample_from_logits(logits, temperature, generator))  # [B, 1]
         out.append(token)
         if keep_logits:
             kept.append(logits[:keep_logits])

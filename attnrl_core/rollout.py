@@ -57,6 +57,7 @@ class Trajectory:
     query_offset: int  # Sq: where a step's query starts within the step
     batch: KeyValueBatch
     query_logits: torch.Tensor | None = None  # [B, P*Tq, V] the policy's logits each query token was drawn from
+    candidate_rewards: torch.Tensor | None = None  # [B, P, N] the reward each pair left would have earned (oracle)
 
     def __post_init__(self) -> None:
         B, P, Tq = self.queries.shape
@@ -68,15 +69,18 @@ class Trajectory:
             assert getattr(self, name).shape == (B, P), (name, getattr(self, name).shape)
         if self.query_logits is not None:
             assert self.query_logits.shape[:2] == (B, P * Tq), self.query_logits.shape
+        if self.candidate_rewards is not None:
+            assert self.candidate_rewards.shape == (B, P, N), self.candidate_rewards.shape
 
     @classmethod
     def concat(cls, parts: list["Trajectory"], batch: KeyValueBatch) -> "Trajectory":
         """Join trajectories rolled out in row chunks of `batch` (all chunks have the same lengths)."""
         first = parts[0]
         tensors = {f: torch.cat([getattr(p, f) for p in parts]) for f in _ROW_FIELDS}
-        logits = None if first.query_logits is None else torch.cat([p.query_logits for p in parts])
+        optional = {f: None if getattr(first, f) is None else torch.cat([getattr(p, f) for p in parts])
+                    for f in ("query_logits", "candidate_rewards")}
         return cls(**tensors, initial_length=first.initial_length, step_length=first.step_length,
-                   query_offset=first.query_offset, batch=batch, query_logits=logits)
+                   query_offset=first.query_offset, batch=batch, **optional)
 
     @property
     def batch_size(self) -> int:
@@ -101,6 +105,10 @@ class Trajectory:
     def query_tokens(self) -> torch.Tensor:  # [B, P*Tq], in the order of `query_positions`
         return self.queries.flatten(1)
 
+    @property
+    def available_counts(self) -> torch.Tensor:  # [B, P] pairs to choose from at each step: P, P-1, .., 1
+        return torch.arange(self.num_steps, 0, -1, device=self.probabilities.device).expand(self.batch_size, -1)
+
 
 _ROW_FIELDS = ("tokens", "queries", "counterfactuals", "choices", "choice_probs", "probabilities", "policy_logprob",
                "base_logprob", "rewards")
@@ -119,7 +127,8 @@ def initial_context(batch: KeyValueBatch, sep: Separators, device: torch.device)
     return torch.cat([p.expand(B, -1) if p.ndim == 1 else p for p in parts], dim=1).to(device)
 
 
-def choose_pairs(probs: torch.Tensor, available: torch.Tensor, selector: str, greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def choose_pairs(probs: torch.Tensor, available: torch.Tensor, selector: str, greedy: bool,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(choice [B], the distribution it was drawn from [B, N]) for a selection rule.
 
     attention: the query's similarity distribution (the method); random: uniform over the pairs left
@@ -131,18 +140,45 @@ def choose_pairs(probs: torch.Tensor, available: torch.Tensor, selector: str, gr
         N = available.shape[1]
         first = (available * torch.arange(N, 0, -1, device=available.device)).argmax(dim=1)
         probs = F.one_hot(first, N).float()
-    else:
-        assert selector == "attention", selector
-    choice = probs.argmax(dim=1) if greedy or selector == "natural" else torch.multinomial(probs, 1).squeeze(1)
-    return choice, probs
+    elif selector != "attention":
+        raise ValueError(f"selector {selector!r} is unknown: use attention, random or natural")
+    if greedy or selector == "natural":
+        return probs.argmax(dim=1), probs
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1), probs
+
+
+def score_candidates(model: nn.Module, cache: BufferedCache, last_query_token: torch.Tensor, r_sep: torch.Tensor,
+                     values: torch.Tensor, available: torch.Tensor, both: list[str] | None) -> torch.Tensor:
+    """The oracle's view of a step: the reward [B, N] every pair still in the pool would earn (NaN for the
+    others), each value scored after the policy's query and, by the base model, after its counterfactual.
+
+    The 2B rows of `cache` (policy, then base; each at context + ` Query:` + its query but the last
+    token, `last_query_token` [2B, 1]) are copied K = pairs left times and read ` Response:` value_k in
+    one pass: the context is never re-encoded. `cache` itself is left as it was.
+    """
+    B, N = available.shape
+    K = int(available[0].sum())  # the same at every row: one pair leaves each pool per step
+    rows = torch.arange(B, device=available.device)
+    candidates = available.nonzero()[:, 1].view(B, K)  # [B, K] pair indices, ascending
+    target = values[rows[:, None], candidates].reshape(B * K, -1).repeat(2, 1)  # [2BK, Tv]: policy, then base
+    prefix = torch.cat([last_query_token, r_sep], dim=1).repeat_interleave(K, dim=0)  # [2BK, 1 + Sr]
+    names = None if both is None else [both[0]] * (B * K) + [both[-1]] * (B * K)
+    scored = score_continuation(model, cache.repeated(K, prefix.shape[1] + target.shape[1]), prefix, target, names)
+    reward = calculate_reward(scored[:B * K], scored[B * K:]).view(B, K)
+    out = torch.full((B, N), float("nan"), device=reward.device)
+    out[rows[:, None], candidates] = reward
+    return out
 
 
 @torch.inference_mode()
 def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGeometry, *,
             tokens_per_query: int, similarity_temperature: float = 1.0, query_temperature: float = 1.0,
-            greedy: bool = False, selector: str = "attention") -> Trajectory:
+            greedy: bool = False, selector: str = "attention", generator: torch.Generator | None = None,
+            oracle: bool = False) -> Trajectory:
     """Generate B trajectories in lock-step; see the module docstring for the steps. `selector` swaps
-    the attention selection for a baseline (`choose_pairs`); everything else stays the same."""
+    the attention selection for a baseline (`choose_pairs`); everything else stays the same. Every
+    random draw comes from `generator` when given (on the batch's device), else the global generator.
+    `oracle` also scores every pair left at every step (`score_candidates`, for evaluation)."""
     assert batch.key_embeddings is not None, "run the batch through data.add_embeddings first"
     was_training = model.training
     model.eval()
@@ -165,17 +201,21 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
     chunks, query_logits = [context], []
     fields = {f: [] for f in ("queries", "counterfactuals", "choices", "choice_probs", "probabilities",
                               "policy_logprob", "base_logprob", "rewards")}
+    candidate_rewards = []
     for _ in range(P):
         # 1. the policy writes a query; the base model writes the counterfactual in the same passes
         queries, logits = sample_tokens(model, cache, q_sep.repeat(2, 1), Tq, query_temperature, greedy, both,
-                                        keep_logits=B)  # [2B, Tq], the policy's [B, Tq, V]
+                                        keep_logits=B, generator=generator)  # [2B, Tq], the policy's [B, Tq, V]
         query_logits.append(logits)
         query, cf = queries[:B], queries[B:]
         # 2. the query's embedding scores the keys left in the pool
         probs = compute_similarity(query_embeddings(model, query), batch.key_embeddings,
                                    geo.num_query_heads, geo.num_kv_heads, similarity_temperature, available)  # [B, N]
         # 3. draw a pair without replacement
-        choice, probs = choose_pairs(probs, available, selector, greedy)  # [B], [B, N]
+        if oracle:
+            candidate_rewards.append(score_candidates(model, cache, queries[:, -1:], r_sep.repeat(2, 1), values,
+                                                      available, both))
+        choice, probs = choose_pairs(probs, available, selector, greedy, generator)  # [B], [B, N]
         available[rows, choice] = False
         value = values[rows, choice]  # [B, Tv]
         # 4. each model scores the value after its own query; the policy's pass extends its context
@@ -197,7 +237,8 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
     model.train(was_training)
     return Trajectory(tokens=tokens, **{name: torch.stack(xs, dim=1) for name, xs in fields.items()},
                       initial_length=L0, step_length=step_length, query_offset=q_sep.shape[1], batch=batch,
-                      query_logits=torch.cat(query_logits, dim=1))
+                      query_logits=torch.cat(query_logits, dim=1),
+                      candidate_rewards=torch.stack(candidate_rewards, dim=1) if oracle else None)
 
 
 @torch.inference_mode()

@@ -9,12 +9,14 @@
   eval/               episode-N.json and .png from `evaluate`
 
 Notebooks, the evaluation and the figures read runs through this module, never through the loop.
-Imports attnrl_core.config, .checkpoint and .files (the trajectory and update types for hints only).
+Imports attnrl_core.config, .checkpoint, .diagnostics and .files (the trajectory and update types for
+hints only).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +25,7 @@ import torch
 
 from .checkpoint import latest_valid_checkpoint
 from .config import TrainConfig
+from .diagnostics import key_cosine, query_distinct, selection_entropy, selection_top_ratio
 from .files import atomic_write_text, read_jsonl
 
 if TYPE_CHECKING:
@@ -54,6 +57,12 @@ METRICS = {
     "rollout_chunk": "trajectories rolled out together (below generation_batch_size after an out-of-memory)",
     "micro_batch": "update micro-batch size in use (halved, with accumulation doubled, after an out-of-memory)",
     "oom_events": "out-of-memory events survived so far",
+    "selection_entropy": "mean over trajectories and steps of the selection distribution's entropy / log(pairs left): "
+                         "1 = uniform (the query does not steer), 0 = deterministic; steps with one pair left excluded",
+    "selection_top_ratio": "mean of (largest selection probability x pairs left): 1 = uniform, larger = peaked",
+    "key_cosine": "mean pairwise cosine of the key embeddings in a trajectory's pool (near 1: keys alike, "
+                  "so no query can tell them apart)",
+    "query_distinct": "distinct query-token bigrams / all bigrams in the batch (falling: queries collapse to one text)",
     "eval_reward": "held-out reward of the trained policy (only every eval_every episodes)",
     "eval_logprob": "held-out mean value log-prob of the trained policy (only every eval_every episodes)",
 }
@@ -80,11 +89,21 @@ def episode_metrics(episode: int, traj: "Trajectory", selected: torch.Tensor, th
         "running_mean": stats.mean, "running_std": stats.std,
         "rollout_seconds": rollout_s, "update_seconds": update_s, "seconds": rollout_s + update_s,
         "tokens_per_second": tokens / (rollout_s + update_s),
-        "eval_reward": None, "eval_logprob": None,
+        **selection_diagnostics(traj), "eval_reward": None, "eval_logprob": None,
         **extra,
     }
     assert set(METRICS) <= set(row), set(METRICS) - set(row)
     return row
+
+
+def selection_diagnostics(traj: "Trajectory") -> dict:
+    """What the policy controls: selection_entropy, selection_top_ratio, key_cosine, query_distinct (METRICS);
+    null where undefined (every step forced, or a pool of one pair)."""
+    values = {"selection_entropy": selection_entropy(traj.probabilities, traj.available_counts),
+              "selection_top_ratio": selection_top_ratio(traj.probabilities, traj.available_counts),
+              "key_cosine": key_cosine(traj.batch.key_embeddings, traj.batch.pool),
+              "query_distinct": query_distinct(traj.queries)}
+    return {k: v if math.isfinite(v) else None for k, v in values.items()}
 
 
 def trajectory_records(traj: "Trajectory", tokenizer, episode: int, selected: torch.Tensor) -> list[dict]:

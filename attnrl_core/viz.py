@@ -44,15 +44,16 @@ def plot_reward_curve(metrics: list[dict], ax=None):
 
 
 def plot_training_panels(metrics: list[dict]):
-    """Loss, policy loss, KL, gradient norm and filter fraction per episode."""
-    keys = ["loss", "policy_loss", "kl", "grad_norm", "filter_fraction", "tokens_per_second"]
-    fig, axes = plt.subplots(2, 3, figsize=(11, 5.5))
+    """Loss, policy loss, KL, gradient norm, filter fraction, throughput and the selection diagnostics per episode."""
+    keys = ["loss", "policy_loss", "kl", "grad_norm", "filter_fraction", "tokens_per_second",
+            "selection_entropy", "selection_top_ratio", "key_cosine", "query_distinct"]
+    fig, axes = plt.subplots(2, 5, figsize=(17, 5.5))
     for ax, key in zip(axes.flat, keys):
         ep, val = _series(metrics, key)
         ax.plot(ep, val, "o-", ms=3, lw=1)
         ax.set(title=key, xlabel="episode")
         if not len(ep):
-            ax.text(0.5, 0.5, "no update yet", ha="center", va="center", transform=ax.transAxes, color="grey")
+            ax.text(0.5, 0.5, "no value yet", ha="center", va="center", transform=ax.transAxes, color="grey")
     fig.tight_layout()
     return fig
 
@@ -166,6 +167,40 @@ def plot_position_step_heatmap(trajectories: list[dict], num_kv_pairs: int, epis
     return fig
 
 
+def plot_selection_diagnostics(metrics: list[dict]):
+    """The four selection diagnostics per episode, each against the value that means "no steering"."""
+    panels = (("selection_entropy", 1.0, "1 = uniform"), ("selection_top_ratio", 1.0, "1 = uniform"),
+              ("key_cosine", None, ""), ("query_distinct", None, ""))
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.3))
+    for ax, (key, reference, label) in zip(axes, panels):
+        ep, val = _series(metrics, key)
+        ax.plot(ep, val, "o-", ms=3, lw=1)
+        if reference is not None:
+            ax.axhline(reference, color="grey", ls="--", lw=1, label=label)
+            ax.legend(fontsize=8)
+        ax.set(title=key, xlabel="episode")
+    fig.tight_layout()
+    return fig
+
+
+def plot_chosen_position_histogram(trajectories: list[dict], num_kv_pairs: int):
+    """For each step, how often each pair position (article order) was chosen over the whole run: a policy
+    that steers shows peaks; one that does not, the pool's flat spread."""
+    steps = max((len(t["steps"]) for t in trajectories), default=1)
+    counts = np.zeros((steps, num_kv_pairs))
+    for t in trajectories:
+        for s in t["steps"]:
+            counts[s["step"], s["pair"]] += 1
+    fig, axes = plt.subplots(1, steps, figsize=(3.2 * steps, 3), sharey=True, squeeze=False)
+    for step, ax in enumerate(axes[0]):
+        ax.bar(range(num_kv_pairs), counts[step], color="tab:blue")
+        ax.set(title=f"step {step}", xlabel="pair position")
+        ax.set_xticks(range(num_kv_pairs))
+    axes[0][0].set_ylabel("times chosen")
+    fig.tight_layout()
+    return fig
+
+
 def plot_logprob_per_step(trajectories: list[dict]):
     """Mean value log-prob per step: the policy after its query vs the base model after its counterfactual."""
     by_step: dict[int, list[tuple[float, float]]] = {}
@@ -186,22 +221,33 @@ def plot_logprob_per_step(trajectories: list[dict]):
 
 
 def plot_evaluation(report: dict):
-    """Held-out comparison: bars with 95% intervals (value log-prob, reward) and per-step log-prob curves."""
-    methods = list(report["methods"])
-    res = report["methods"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, key in zip(axes[:2], ("logprob", "reward")):
-        means = np.array([res[m][key] for m in methods])
-        lo = means - np.array([res[m][f"{key}_ci"][0] for m in methods])
-        hi = np.array([res[m][f"{key}_ci"][1] for m in methods]) - means
-        ax.bar(methods, means, yerr=[lo, hi], capsize=4, color=["tab:green", "tab:grey", "tab:orange", "tab:blue"])
-        ax.set(title=f"{'mean value log-prob' if key == 'logprob' else 'normalised reward'} (95% CI)")
-        ax.axhline(0, color="black", lw=0.5)
-    for m in methods:
-        steps = res[m]["logprob_per_step"]
+    """Held-out comparison: paired differences trained - baseline (reward and value log-prob, 95% CIs over
+    units), the oracle fraction with its CI, and the value log-prob per step of every method."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    paired = report.get("paired", {})
+    names = list(paired)
+    for offset, (key, color) in enumerate((("reward", "tab:green"), ("logprob", "tab:blue"))):
+        means = np.array([paired[n]["mean"] if key == "reward" else paired[n]["logprob"]["mean"] for n in names])
+        cis = np.array([paired[n]["ci"] if key == "reward" else paired[n]["logprob"]["ci"] for n in names]).reshape(-1, 2)
+        y = np.arange(len(names)) + (offset - 0.5) * 0.3
+        axes[0].errorbar(means, y, xerr=[means - cis[:, 0], cis[:, 1] - means], fmt="o", color=color, capsize=4,
+                         label="reward" if key == "reward" else "value log-prob")
+    axes[0].axvline(0, color="black", lw=0.5)
+    axes[0].set_yticks(range(len(names)), names)
+    axes[0].set(title="paired difference per unit (95% CI)", xlabel="trained - baseline")
+    axes[0].legend(fontsize=8)
+    if "oracle" in report:
+        o = report["oracle"]
+        axes[1].bar(["random choice", "chosen", "best"], [o["mean"], o["chosen"], o["best"]],
+                    color=["tab:grey", "tab:green", "tab:purple"])
+        axes[1].axhline(0, color="black", lw=0.5)
+        lo, hi = o["ci"]
+        axes[1].set(title=f"oracle fraction {o['fraction']:+.2f} [{lo:+.2f}, {hi:+.2f}]", ylabel="mean reward per step")
+    for m, r in report["methods"].items():
+        steps = r["logprob_per_step"]
         axes[2].plot(range(len(steps)), steps, "o-", label=m)
     axes[2].set(title="value log-prob per step", xlabel="step")
     axes[2].legend(fontsize=8)
-    fig.suptitle(f"{report['checkpoint']} on {report['num_articles']} held-out articles")
+    fig.suptitle(f"{report['checkpoint']} on {report['units']} held-out units x {report['samples_per_article']} samples")
     fig.tight_layout()
     return fig

@@ -11,7 +11,10 @@ or an out-of-memory killer would):
                   the file, then the process dies (a torn log line, a half-written config or checkpoint)
 
 As a script: `python tests/killpoints.py --trials 20` kills a short run at 20 random moments, resumes
-each until it finishes, and compares every final adapter with an uninterrupted run's (to 1e-6).
+each until it finishes, and compares every final adapter with an uninterrupted run's (to 1e-6). A
+moment is drawn uniformly over the rest of the run once its first checkpoint exists (before that there
+is nothing to resume; the kill-point test covers model loading and config writing), and every other
+resume is itself killed at a random moment, which lands in its model load or later.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import builtins
 import io
 import os
 import random
+import selectors
 import shutil
 import signal
 import subprocess
@@ -139,37 +143,72 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def wait_for_line(proc: subprocess.Popen, text: str, timeout: float = 240) -> str:
+    """Block until the child writes a stderr line containing `text` (it logs each checkpoint and, with
+    --log_every 1, each episode); fail if it exits first or `timeout` passes. Reads the raw pipe, so no
+    line waits in a Python buffer while `select` sees nothing new."""
+    deadline, pending = time.monotonic() + timeout, b""
+    fd = proc.stderr.fileno()
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if not sel.select(timeout=deadline - time.monotonic()):
+                break
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise AssertionError(f"the run exited (code {proc.wait()}) before logging {text!r}")
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                if text.encode() in line:
+                    return line.decode()
+    proc.kill()
+    raise AssertionError(f"no {text!r} within {timeout}s")
+
+
+def _kill_after(args: list[str], delay: float, wait_for: str | None = None) -> str:
+    """Start the CLI, wait for the `wait_for` log line if given, then SIGKILL it `delay` seconds later
+    (unless it finished first); what happened, in words."""
+    proc = subprocess.Popen([sys.executable, "-m", "attnrl_core", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    if wait_for:
+        wait_for_line(proc, wait_for)
+    try:
+        proc.wait(timeout=delay)
+        return f"finished before {delay:.1f}s"
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return f"killed {delay:.1f}s" + (" after its first checkpoint" if wait_for else " after its start")
+
+
 def _trials(n: int, seed: int) -> int:
     """Kill the RUN at `n` random moments, resume until done, compare with an uninterrupted run."""
     rng = random.Random(seed)
     work = Path(tempfile.mkdtemp(prefix="kill-trials-"))
+    ref = work / "ref"
     t0 = time.perf_counter()
-    assert run_child(None, 0, ["train", *RUN, "--output_dir", str(work / "ref")]) == 0
-    duration = time.perf_counter() - t0
-    reference = final_adapter(work / "ref", 4)
-    print(f"uninterrupted run: {duration:.1f}s; killing at uniform random moments in [0, {duration:.1f}] s")
+    proc = subprocess.Popen([sys.executable, "-m", "attnrl_core", "train", *RUN, "--output_dir", str(ref)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for_line(proc, "checkpoint episode-1 written")
+    t1 = time.perf_counter()
+    assert proc.wait() == 0
+    start, rest = t1 - t0, time.perf_counter() - t1
+    reference = final_adapter(ref, 4)
+    print(f"uninterrupted run: first checkpoint after {start:.1f}s, then {rest:.1f}s to the end")
     failures = 0
     for i in range(n):
         out = work / f"trial-{i}"
-        delay = rng.uniform(0, duration)
-        proc = subprocess.Popen([sys.executable, "-m", "attnrl_core", "train", *RUN, "--output_dir", str(out)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-        ckpts = sorted(p.name for p in (out / "checkpoints").glob("episode-*")) if out.exists() else []
-        if ckpts:
-            code = run_child(None, 0, ["train", "--resume", "--output_dir", str(out), "--no_progress"])
-        else:  # killed before the first checkpoint: nothing to resume, start again as a user would
-            shutil.rmtree(out, ignore_errors=True)
-            code = run_child(None, 0, ["train", *RUN, "--output_dir", str(out)])
+        resume = ["train", "--resume", "--output_dir", str(out), "--no_progress"]
+        events = [_kill_after(["train", *RUN, "--output_dir", str(out)], rng.uniform(0, rest),
+                              "checkpoint episode-1 written")]
+        if i % 2:
+            events.append("resume " + _kill_after(resume, rng.uniform(0, start + rest)))
+        code = run_child(None, 0, resume)
         diff = max_difference(reference, final_adapter(out, 4)) if code == 0 else float("nan")
         ok = code == 0 and diff <= 1e-6
         failures += not ok
-        print(f"trial {i + 1:2d}: killed at {delay:5.1f}s, checkpoints then {ckpts or 'none'}, "
-              f"resume exit {code}, max adapter difference {diff:.1e} {'ok' if ok else 'FAIL'}", flush=True)
+        print(f"trial {i + 1:2d}: {'; '.join(events)}; final resume exit {code}, max adapter difference "
+              f"{diff:.1e} {'ok' if ok else 'FAIL'}", flush=True)
     shutil.rmtree(work, ignore_errors=True)
     print(f"{n - failures} of {n} trials ended with the uninterrupted run's adapter")
     return 1 if failures else 0

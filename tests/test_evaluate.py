@@ -8,7 +8,7 @@ import torch
 from attnrl_core.__main__ import main
 from attnrl_core.config import TrainConfig
 from attnrl_core.data import is_heldout, iter_wikipedia_articles
-from attnrl_core.evaluate import METHODS, bootstrap_ci, compare_methods
+from attnrl_core.evaluate import METHODS, compare_methods
 from attnrl_core.model import head_geometry
 from attnrl_core.rollout import rollout
 from attnrl_core.files import read_jsonl
@@ -46,23 +46,37 @@ def test_natural_order_reference_takes_pairs_in_article_order(policy):
     assert torch.equal(chosen, batch.pool.sort(dim=1).values)
 
 
-def test_methods_share_first_pair_and_pools(policy):
+def test_paired_report_and_oracle_on_the_same_rows(policy):
+    cfg = tiny_config(num_kv_pairs=8, subset_fraction=0.5)
+    batch = make_batch(policy, cfg)  # 4 rows: 2 units x 2 samples
+    res = compare_methods(policy, batch, SEP, head_geometry(policy), cfg, seed=3, samples=2, chunk=3)
+    assert list(res["methods"]) == list(METHODS)
+    assert set(res["paired"]) == {"trained-untrained", "trained-random", "trained-natural"}
+    for diff in res["paired"].values():
+        assert diff["units"] == 2 and diff["ci"][0] <= diff["mean"] <= diff["ci"][1]
+    assert res["methods"]["trained"]["reward"] != res["methods"]["untrained"]["reward"]  # the adapter matters
+    assert res["selection_entropy"]["random"] == pytest.approx(1.0) and res["selection_entropy"]["natural"] == 0.0
+    oracle = res["oracle"]
+    assert oracle["best"] >= oracle["chosen"] - 1e-6 and oracle["best"] >= oracle["mean"]
+    # the paired difference is the mean of per-unit differences of the methods' own rewards
+    per_row = {m: torch.tensor(res["methods"][m]["reward"]) for m in METHODS}
+    assert res["paired"]["trained-random"]["mean"] == pytest.approx(
+        float(per_row["trained"] - per_row["random"]), abs=1e-5)
+
+
+def test_evaluation_leaves_the_global_generators_alone(policy):
+    """Every method draws from its own seeded generator: evaluating during training changes nothing in the
+    training run, on the CPU and, where present, on CUDA."""
     cfg = tiny_config()
     batch = make_batch(policy, cfg)
-    res = compare_methods(policy, batch, SEP, head_geometry(policy), cfg, seed=3)
-    assert list(res) == list(METHODS)
-    for m in METHODS[1:]:
-        assert res[m]["context_start"] == res["trained"]["context_start"]
-        assert res[m]["pool"] == res["trained"]["pool"]
-    assert res["trained"]["reward"] != res["untrained"]["reward"]  # the adapter matters
-    lo, hi = res["trained"]["reward_ci"]
-    assert lo <= res["trained"]["reward"] <= hi
-
-
-def test_bootstrap_interval_brackets_the_mean():
-    values = torch.randn(50, generator=torch.Generator().manual_seed(0)).numpy()
-    lo, hi = bootstrap_ci(values)
-    assert lo < values.mean() < hi and hi - lo < 1.0
+    torch.manual_seed(11)
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    first = compare_methods(policy, batch, SEP, head_geometry(policy), cfg, seed=5)
+    assert torch.equal(torch.get_rng_state(), cpu)
+    assert all(torch.equal(a, b) for a, b in zip(cuda, torch.cuda.get_rng_state_all() if cuda else []))
+    torch.manual_seed(999)  # another global state: the evaluation is the same
+    assert compare_methods(policy, batch, SEP, head_geometry(policy), cfg, seed=5) == first
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +96,19 @@ def test_training_never_sees_heldout_articles_and_logs_eval(small_run):
     assert all(isinstance(m["eval_reward"], float) for m in metrics)
 
 
-def test_evaluate_command_prints_the_table(small_run, capsys):
-    assert main(["evaluate", "--run_dir", str(small_run), "--num_articles", "4"]) == 0
+def test_evaluate_command_prints_the_table_and_the_json_report(small_run, capsys):
+    assert main(["evaluate", "--run_dir", str(small_run), "--num_articles", "3", "--windows_per_article", "2",
+                 "--samples_per_article", "2", "--json"]) == 0
     out = capsys.readouterr().out
     for m in METHODS:
         assert m in out
-    report = json.loads((small_run / "eval" / "episode-2.json").read_text())
-    assert report["num_articles"] == 4 and set(report["methods"]) == set(METHODS)
-    assert not set(report["article_ids"]) & {t["article_id"] for t in read_jsonl(small_run / "trajectories.jsonl")}
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report == json.loads((small_run / "eval" / "episode-2.json").read_text())
+    assert set(report["methods"]) == set(METHODS) and report["samples_per_article"] == 2
+    assert 3 < report["units"] <= 6 and report["articles"] == 3  # held-out articles are long: up to 2 windows each
+    assert set(report["paired"]) == {"trained-untrained", "trained-random", "trained-natural"}
+    assert {"fraction", "ci", "best", "mean", "chosen"} <= set(report["oracle"])
+    assert set(report["selection_entropy"]) == set(METHODS)
+    trained_articles = {t["article_id"] for t in read_jsonl(small_run / "trajectories.jsonl")}
+    assert not {u.split("#")[0] for u in report["unit_ids"]} & trained_articles
     assert (small_run / "eval" / "episode-2.png").is_file()

@@ -2,11 +2,9 @@
 
 import json
 import os
-import selectors
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,31 +15,11 @@ from attnrl_core.__main__ import main
 from attnrl_core.checkpoint import latest_valid_checkpoint, list_checkpoints
 from attnrl_core.files import read_jsonl
 
+from .killpoints import wait_for_line
+
 SMALL = ["--preset", "embedded", "--generation_batch_size", "2", "--training_batch_size", "1", "--num_kv_pairs", "3",
          "--tokens_per_key", "8", "--tokens_per_value", "8", "--tokens_per_query", "6", "--warmup_trajectories", "2",
          "--filter_num_sd", "0", "--learning_rate", "1e-3", "--checkpoint_every", "1", "--no_progress"]
-
-
-def wait_for_line(proc: subprocess.Popen, text: str, timeout: float = 240) -> str:
-    """Block until the child writes a stderr line containing `text` (it logs each checkpoint and, with
-    --log_every 1, each episode); fail if it exits first or `timeout` passes. Reads the raw pipe, so no
-    line waits in a Python buffer while `select` sees nothing new."""
-    deadline, pending = time.monotonic() + timeout, b""
-    fd = proc.stderr.fileno()
-    with selectors.DefaultSelector() as sel:
-        sel.register(fd, selectors.EVENT_READ)
-        while time.monotonic() < deadline:
-            if not sel.select(timeout=deadline - time.monotonic()):
-                break
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                raise AssertionError(f"the run exited (code {proc.wait()}) before logging {text!r}")
-            *lines, pending = (pending + chunk).split(b"\n")
-            for line in lines:
-                if text.encode() in line:
-                    return line.decode()
-    proc.kill()
-    raise AssertionError(f"no {text!r} within {timeout}s")
 
 
 def _adapter(run_dir: Path, episode: int) -> dict:

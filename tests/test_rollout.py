@@ -10,11 +10,12 @@ from attnrl_core.rollout import calculate_reward, initial_context, rollout
 from .conftest import SEP, VOCAB, make_batch, tiny_config, tiny_llama
 
 
-def _run(policy, greedy=False, seed=0, **cfg_overrides):
+def _run(policy, greedy=False, seed=0, oracle=False, **cfg_overrides):
     cfg = tiny_config(**cfg_overrides)
     batch = make_batch(policy, cfg, seed)
     torch.manual_seed(seed)
-    traj = rollout(policy, batch, SEP, head_geometry(policy), tokens_per_query=cfg.tokens_per_query, greedy=greedy)
+    traj = rollout(policy, batch, SEP, head_geometry(policy), tokens_per_query=cfg.tokens_per_query, greedy=greedy,
+                   oracle=oracle)
     return cfg, batch, traj
 
 
@@ -171,3 +172,40 @@ def test_scoring_a_bf16_model_keeps_float32_logits():
         want = F.log_softmax(logits, -1).gather(-1, target[..., None]).squeeze(-1)
         assert torch.allclose(got, want, atol=1e-5, rtol=0) == close, (got - want).abs().max()
     assert (got - F.log_softmax(exact.bfloat16().float(), -1).gather(-1, target[..., None]).squeeze(-1)).abs().max() > 1e-2
+
+
+def test_oracle_scores_every_pair_left_as_re_encoding_would(policy):
+    """At each step the oracle's reward for every pair still in the pool equals re-encoding the whole
+    context with that pair's value (policy after its query minus base after its counterfactual); the
+    chosen pair's is the rollout's reward; pairs not available are NaN."""
+    cfg, batch, traj = _run(policy, num_kv_pairs=8, subset_fraction=0.5, oracle=True)
+    B, P, N = traj.probabilities.shape
+    cand, rows, Tv = traj.candidate_rewards, torch.arange(B), cfg.tokens_per_value
+    torch.testing.assert_close(cand.gather(2, traj.choices[..., None]).squeeze(-1), traj.rewards, rtol=1e-4, atol=1e-4)
+    q, r = SEP.query.expand(B, -1), SEP.response.expand(B, -1)
+    with torch.no_grad():
+        for t in range(P):
+            left = set(range(N))
+            available = torch.zeros(B, N, dtype=torch.bool)
+            available[rows[:, None], batch.pool] = True
+            available[rows[:, None], traj.choices[:, :t]] = False
+            assert torch.equal(~torch.isnan(cand[:, t]), available)
+            ctx = traj.tokens[:, :traj.initial_length + t * traj.step_length]
+            for n in left:
+                value = batch.value_tokens[:, n]
+                policy_lp = _naive_value_logprob(policy, torch.cat([ctx, q, traj.queries[:, t], r, value], 1), Tv)
+                with base_model(policy):
+                    base_lp = _naive_value_logprob(policy, torch.cat([ctx, q, traj.counterfactuals[:, t], r, value], 1), Tv)
+                ok = available[:, n]
+                torch.testing.assert_close(cand[ok, t, n], (policy_lp - base_lp)[ok], rtol=1e-4, atol=1e-4)
+
+
+def test_a_seeded_generator_decides_every_draw_and_leaves_the_global_one_alone(policy):
+    cfg = tiny_config()
+    batch = make_batch(policy, cfg)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    runs = [rollout(policy, batch, SEP, head_geometry(policy), tokens_per_query=cfg.tokens_per_query,
+                    generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(runs[0].queries, runs[1].queries) and torch.equal(runs[0].choices, runs[1].choices)
