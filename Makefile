@@ -2,7 +2,7 @@
 # reuse .venv/ and install everything first (offline-safe: only package registries are used).
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-v1
+STAMP  := $(VENV)/.installed-v2
 RUN    ?= runs/embedded-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: setup train test test-unit test-notebooks clean-venv

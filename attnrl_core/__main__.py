@@ -62,7 +62,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import main_bench
 
-    return main_bench(args.preset, args.json, args.skip_naive, args.batch_size, args.num_kv_pairs)
+    return main_bench(args.preset, args.json, args.skip_naive, args.batch_size, args.num_kv_pairs, args.num_threads)
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num_kv_pairs", type=int, default=None,
                        help="pairs per article (default: the preset's); steps = ceil(subset_fraction * pairs)")
     bench.add_argument("--skip_naive", action="store_true", help="skip the (slow) naive reference path")
+    bench.add_argument("--num_threads", type=int, default=0,
+                       help="CPU threads (0: this process's share of the cores among running attnrl processes)")
     bench.set_defaults(func=_cmd_bench)
     doctor = sub.add_parser("doctor", help="check the environment and say what to fix")
     doctor.add_argument("--output_dir", default="runs", help="where checkpoints will go (disk space check)")

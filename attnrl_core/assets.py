@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bz2
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ from pathlib import Path
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WIKI_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _VERSION = "v1"  # bump when the cached format changes
+log = logging.getLogger("attnrl")
 
 
 def cache_dir() -> Path:
@@ -55,6 +57,7 @@ def _atomic_dir(target: Path, build) -> Path:
     """Build a folder in a temporary sibling and rename it into place (first writer wins)."""
     if target.is_dir():
         return target
+    log.info("building %s once (it is cached for every later run)", target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:

@@ -32,7 +32,7 @@ from .accounting import forward_flops, rollout_work, training_flops, update_work
 from .config import EMBEDDED_DATASET, TrainConfig
 from .data import KeyValueBatch, Separators, encode_separators, iter_key_value_batches
 from .embeddings import key_embedding_fn, query_embeddings
-from .host import keep_freed_memory, peak_memory_bytes, reset_peak_memory, synchronize
+from .host import keep_freed_memory, peak_memory_bytes, reset_peak_memory, share_cpu, sharing_cpu, synchronize
 from .model import (HeadGeometry, adapter_parameters, attach_adapter, base_model, float32_head, head_geometry,
                     load_policy, load_tokenizer, resolve_device, resolve_dtype)
 from .rollout import initial_context, rollout
@@ -139,7 +139,8 @@ class _Timed:
     peak_bytes: int
 
 
-def _timed(device, fn):
+def _timed(device, fn, num_threads: int = 0):
+    share_cpu(num_threads)  # follow the other attnrl processes that started or stopped meanwhile
     reset_peak_memory(device)
     synchronize(device)
     t = time.perf_counter()
@@ -152,6 +153,12 @@ def run_benchmark(preset: str = "embedded", skip_naive: bool = False, **override
     spec = dict(PRESETS[preset])
     cfg = TrainConfig.from_preset(spec.pop("preset"), **{**spec, **overrides})
     device = resolve_device(cfg)
+    # registered before the model loads, so that benches started together see each other
+    with sharing_cpu(device):
+        return _benchmark(cfg, preset, device, skip_naive)
+
+
+def _benchmark(cfg: TrainConfig, preset: str, device: torch.device, skip_naive: bool) -> dict:
     keep_freed_memory(device)
     torch.manual_seed(cfg.seed)
     if preset == "llama-3.2-3b-shape":
@@ -167,8 +174,9 @@ def run_benchmark(preset: str = "embedded", skip_naive: bool = False, **override
 
     # Each phase is timed after one untimed run of the same size: a long run's steady state. The first
     # episode of a run also pays for growing the heap (and CUDA's caching allocator) to the phase's peak.
+    share_cpu(cfg.num_threads)
     rollout(model, batch, sep, geo, **kwargs)
-    traj, t_cached = _timed(device, lambda: rollout(model, batch, sep, geo, **kwargs))
+    traj, t_cached = _timed(device, lambda: rollout(model, batch, sep, geo, **kwargs), cfg.num_threads)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
               f"cpu ({torch.get_num_threads()} threads)", "preset": preset, "batch_size": B,
               "steps": batch.pool.shape[1], "params": params}
@@ -182,7 +190,7 @@ def run_benchmark(preset: str = "embedded", skip_naive: bool = False, **override
     result["rollout_peak_memory_bytes"] = t_cached.peak_bytes
     if not skip_naive:
         (chosen, rewards), t_naive = _timed(device, lambda: naive_rollout(model, batch, sep, geo, cfg.tokens_per_query,
-                                                                          cfg.temperature))
+                                                                          cfg.temperature), cfg.num_threads)
         same_pairs = torch.equal(chosen.cpu(), traj.choices.cpu())
         result["naive_seconds"] = t_naive.seconds
         result["naive_trajectories_per_second"] = B / t_naive.seconds
@@ -201,7 +209,8 @@ def run_benchmark(preset: str = "embedded", skip_naive: bool = False, **override
     load_values(adapter, policy)  # the timed update starts from the policy that rolled the batch out
     upd, t_update = _timed(device, lambda: update_policy(model, optimizer, traj, selected,
                                                          training_batch_size=cfg.training_batch_size,
-                                                         beta=cfg.kl_beta, max_grad_norm=cfg.max_grad_norm))
+                                                         beta=cfg.kl_beta, max_grad_norm=cfg.max_grad_norm),
+                           cfg.num_threads)
     update_cost = update_work(B, read_length(traj.query_positions), traj.query_positions.numel())
     trained_tokens = update_cost.tokens  # what the update reads
     result["update_seconds"] = t_update.seconds
@@ -246,8 +255,8 @@ def format_result(r: dict) -> str:
 
 
 def main_bench(preset: str, as_json: bool, skip_naive: bool, batch_size: int | None = None,
-               num_kv_pairs: int | None = None) -> int:
-    overrides = {}
+               num_kv_pairs: int | None = None, num_threads: int = 0) -> int:
+    overrides = {"num_threads": num_threads}
     if batch_size is not None:
         overrides.update(generation_batch_size=batch_size,
                          training_batch_size=min(batch_size, PRESETS[preset]["training_batch_size"]))

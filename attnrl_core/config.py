@@ -2,7 +2,8 @@
 
 Every SPEC.md parameter is a field with its default and a help string; the help strings make
 `python -m attnrl_core train --help`, notebooks' `parameters` cells mirror the field names, and a run
-directory's `config.json` is `TrainConfig.to_dict()`. Imports nothing else from attnrl_core.
+directory's `config.json` is `TrainConfig.to_dict()`. Imports attnrl_core.tracking only (to check
+`report_to` without importing any tracker).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .tracking import parse_report_to
 
 EMBEDDED_MODEL = "embedded:smollm2-135m"
 EMBEDDED_DATASET = "embedded:gensim-enwiki"
@@ -37,9 +40,13 @@ class TrainConfig:
     tokens_per_query: int = _f(20, "tokens the policy writes after ' Query:' at every step")
     num_kv_pairs: int = _f(16, "non-overlapping key-value pairs cut from each article (pair 0 is the in-context example)")
     subset_fraction: float = _f(0.25, "fraction of pairs put in a trajectory's pool; steps = ceil(fraction * num_kv_pairs)")
-    dataset_name: str = _f("wikimedia/wikipedia", "Hub dataset ('wikimedia/wikipedia' or SPEC's 'wikipedia') or 'embedded:gensim-enwiki'")
+    dataset_name: str = _f("wikimedia/wikipedia", "Hub dataset ('wikimedia/wikipedia' or SPEC's 'wikipedia'), "
+                           "'embedded:gensim-enwiki', or a local parquet/jsonl file or a folder of them or of "
+                           "plain-text files (one article per file)")
     dataset_config: str = _f("20231101.en", "dataset configuration ('20231101.en'; '20220301.en' for 'wikipedia')")
     dataset_split: str = _f("train", "dataset split to stream")
+    text_column: str = _f("text", "column holding an article's text (local tables whose columns are named otherwise)")
+    id_column: str = _f("id", "column holding an article's id (the held-out split hashes it)")
     eval_fraction: float = _f(0.1, "fraction of articles (by a hash of their id) held out of training for `evaluate`")
     max_scan_articles: int = _f(10_000, "articles scanned without finding a long-enough one before giving up")
     # --- model ------------------------------------------------------------------------------
@@ -71,6 +78,10 @@ class TrainConfig:
     keep_checkpoints: int = _f(0, "keep only the newest K checkpoints (0 keeps all)")
     max_nonfinite: int = _f(5, "stop after this many consecutive episodes with a non-finite reward, loss or gradient")
     log_every: int = _f(10, "episodes between console summaries")
+    report_to: str = _f("none", "none, or a comma-separated list of tensorboard, trackio, wandb: each episode's "
+                        "metrics and the config go there too (pip install -e '.[tracking]')")
+    num_threads: int = _f(0, "CPU threads for torch (0: the cores this process may use, shared with the other "
+                          "attnrl processes running now)")
     seed: int = _f(0, "seed of every random number generator")
     output_dir: str = _f("runs/default", "run directory (config, metrics, trajectories, checkpoints, figures)")
 
@@ -117,9 +128,13 @@ class TrainConfig:
         need(self.device == "auto" or self.device == "cpu" or self.device.split(":")[0] == "cuda", "device",
              "auto, cpu, cuda or cuda:N")
         need(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "auto, float32, bfloat16 or float16")
-        need(self.dataset_name == EMBEDDED_DATASET or "/" in self.dataset_name or self.dataset_name in HUB_DATASETS,
-             "dataset_name", f"a Hub dataset id such as 'wikimedia/wikipedia', 'wikipedia' or {EMBEDDED_DATASET!r}")
+        need(self.dataset_name == EMBEDDED_DATASET or "/" in self.dataset_name or self.dataset_name in HUB_DATASETS
+             or Path(self.dataset_name).exists(), "dataset_name",
+             f"a Hub dataset id such as 'wikimedia/wikipedia', 'wikipedia', {EMBEDDED_DATASET!r}, or a local file or folder")
         need(bool(self.output_dir), "output_dir", "a directory path")
+        need(self.num_threads >= 0, "num_threads", "an integer >= 0 (0: automatic)")
+        need(bool(self.text_column) and bool(self.id_column), "text_column", "a column name")
+        parse_report_to(self.report_to)  # names a missing tracker package in one line
 
     # -- derived quantities ------------------------------------------------------------------------
     @property

@@ -3,23 +3,22 @@
 SPEC.md §4.2/§4.4 as settled by DESIGN.md §2.3-2.4. Each article is tokenised once
 (`add_special_tokens=False`, truncated to the tokens needed), cut by index arithmetic into
 `num_kv_pairs` contiguous, non-overlapping (key, value) chunks, and batched into fixed-shape tensors.
-No padding anywhere; text is kept only for logging. Both presets read through `datasets` streaming.
-Imports attnrl_core.config and attnrl_core.assets only.
+No padding anywhere; text is kept only for logging. Articles come from `corpus`. Imports
+attnrl_core.config and .corpus.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
-from datasets import load_dataset
+from tqdm.auto import tqdm
 
-from .assets import embedded_dataset_file
-from .config import EMBEDDED_DATASET, TrainConfig
+from .config import TrainConfig
+from .corpus import DataPosition, iter_wikipedia_articles
 
 QUERY_SEPARATOR = " Query:"
 RESPONSE_SEPARATOR = " Response:"
@@ -51,81 +50,6 @@ def encode_separators(tokenizer) -> Separators:
     return Separators(enc(QUERY_SEPARATOR), enc(RESPONSE_SEPARATOR), torch.tensor(bos, dtype=torch.long))
 
 
-# -- articles ---------------------------------------------------------------------------------------
-@dataclass
-class DataPosition:
-    """Where the article stream is (for checkpoints): pass number, articles consumed in it, and for
-    unshuffled (Hub) streams `datasets`' own state, which resumes at the shard offset instead of
-    re-reading every article before it."""
-
-    epoch: int = 0
-    index: int = 0
-    stream_state: dict | None = None
-
-
-def load_article_stream(cfg: TrainConfig, epoch: int = 0):
-    """A `datasets` IterableDataset of articles (`id, url, title, text`), shuffled per pass when local."""
-    if cfg.dataset_name == EMBEDDED_DATASET:
-        ds = load_dataset("parquet", data_files={"train": str(embedded_dataset_file())}, split="train",
-                          streaming=True)
-        # The sample is small and is read many times: a fresh order every pass, reproducible by seed.
-        return ds.shuffle(seed=cfg.seed + epoch, buffer_size=1024)
-    try:
-        return load_dataset(cfg.dataset_name, cfg.dataset_config or None, split=cfg.dataset_split, streaming=True)
-    except Exception as e:  # noqa: BLE001 - not found, offline, gated, bad config: one message, with the fix
-        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
-        raise ValueError(f"dataset {cfg.dataset_name!r} ({cfg.dataset_config or 'no config'}, split "
-                         f"{cfg.dataset_split!r}) cannot be loaded ({type(e).__name__}: {first}): check the name, "
-                         "log in with `hf auth login`, set HF_HUB_OFFLINE=1 with it cached, or use --preset embedded") from None
-
-
-def is_heldout(article_id, fraction: float) -> bool:
-    """The deterministic evaluation split: a hash of the article id, the same on every machine and run."""
-    digest = hashlib.sha256(str(article_id).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
-
-
-def iter_wikipedia_articles(cfg: TrainConfig, start: DataPosition | None = None,
-                            position: DataPosition | None = None, split: str = "train",
-                            passes: int | None = None) -> Iterator[dict]:
-    """Articles of one split ("train", "eval" or "all"), pass after pass over the stream (the Hub's is
-    long enough to be one pass); `passes` limits the number of passes.
-
-    `position`, when given, is updated in place so a checkpoint can record where the stream is;
-    `start` resumes from a recorded position. Positions count every article of the stream, whatever
-    its split, so they stay valid for `skip`.
-    """
-    assert split in ("train", "eval", "all"), split
-    keep = (lambda a: True) if split == "all" else (
-        lambda a: is_heldout(a["id"], cfg.eval_fraction) == (split == "eval"))
-    position = position if position is not None else DataPosition()
-    start = start or DataPosition()
-    position.epoch, position.index = start.epoch, start.index
-    # The embedded sample is reshuffled every pass; a shuffle buffer is not in `state_dict`, so that
-    # stream resumes by skipping (cheap: it is small). Hub streams resume from their state.
-    shuffled = cfg.dataset_name == EMBEDDED_DATASET
-    while True:
-        stream = load_article_stream(cfg, position.epoch)
-        if start.stream_state is not None and not shuffled and position.epoch == start.epoch:
-            stream.load_state_dict(start.stream_state)
-        elif position.index:
-            stream = stream.skip(position.index)
-        seen = 0
-        for article in stream:
-            position.index += 1
-            if not shuffled:
-                position.stream_state = stream.state_dict()
-            if keep(article):
-                seen += 1
-                yield article
-        if seen == 0 and position.index == 0:
-            raise ValueError(f"dataset {cfg.dataset_name!r} yielded no {split} articles: check dataset_name/config/"
-                             "split and eval_fraction")
-        position.epoch, position.index, position.stream_state = position.epoch + 1, 0, None
-        if passes is not None and position.epoch - start.epoch >= passes:
-            return
-
-
 def tokenize_articles(articles: Iterable[dict], tokenizer, min_tokens: int, max_scan: int,
                       batch_size: int = 32, max_tokens: int | None = None) -> Iterator[tuple[dict, torch.Tensor]]:
     """(article, ids [min_tokens..max_tokens]) for articles with at least `min_tokens` tokens, tokenised once
@@ -134,7 +58,7 @@ def tokenize_articles(articles: Iterable[dict], tokenizer, min_tokens: int, max_
     Gives up with a clear error after `max_scan` consecutive articles that are too short, so a stream
     that never yields a long-enough article ends instead of hanging.
     """
-    rejected = 0
+    rejected, bar = 0, None
     it = iter(articles)
     while chunk := list(itertools.islice(it, batch_size)):
         ids = tokenizer([a["text"] for a in chunk], add_special_tokens=False, truncation=True,
@@ -142,11 +66,18 @@ def tokenize_articles(articles: Iterable[dict], tokenizer, min_tokens: int, max_
         for article, tokens in zip(chunk, ids):
             if len(tokens) < min_tokens:
                 rejected += 1
+                if rejected == 200:  # a long search: show it rather than wait silently
+                    bar = tqdm(total=max_scan, initial=rejected, desc=f"looking for an article of {min_tokens} tokens")
+                elif bar is not None:
+                    bar.update()
                 if rejected >= max_scan:
                     raise ValueError(
                         f"none of {rejected} consecutive articles has the {min_tokens} tokens needed "
                         f"(num_kv_pairs x (tokens_per_key + tokens_per_value)): lower num_kv_pairs or the token counts")
                 continue
+            if bar is not None:
+                bar.close()
+                bar = None
             rejected = 0
             yield article, torch.tensor(tokens, dtype=torch.long)
 

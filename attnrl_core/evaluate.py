@@ -35,7 +35,7 @@ from .data import KeyValueBatch, add_embeddings, encode_separators, iter_pair_ba
 from .diagnostics import oracle_fraction, paired_difference, selection_entropy
 from .embeddings import key_embedding_fn
 from .files import atomic_write_text
-from .host import keep_freed_memory
+from .host import keep_freed_memory, share_cpu, sharing_cpu
 from .model import adapter_parameters, head_geometry, load_policy, resolve_device
 from .rollout import Trajectory, rollout
 from .rundir import load_run
@@ -147,6 +147,15 @@ def evaluate(run_dir: str | Path, checkpoint: int | None = None, num_articles: i
             raise ValueError(f"{path} does not exist: pick one of {run_dir / 'checkpoints'}")
     device = resolve_device(cfg)
     keep_freed_memory(device)
+    with sharing_cpu(device):
+        share_cpu(cfg.num_threads)
+        return _evaluate_checkpoint(cfg, run_dir, path, device, num_articles, seed, samples_per_article,
+                                    windows_per_article, chunk, write, progress)
+
+
+def _evaluate_checkpoint(cfg: TrainConfig, run_dir: Path, path: Path, device: torch.device, num_articles: int,
+                         seed: int, samples_per_article: int, windows_per_article: int, chunk: int, write: bool,
+                         progress: bool) -> dict:
     model, tokenizer = load_policy(cfg, device)
     load_adapter(path, model)
     batch = heldout_batch(cfg, tokenizer, key_embedding_fn(model, device), num_articles, seed, windows_per_article,

@@ -6,11 +6,14 @@ for them. Imports nothing from attnrl_core.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
+import os
 import platform
 import random
 import resource
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +87,59 @@ def hardware_state(device: torch.device) -> str:
                 f"reserved {torch.cuda.memory_reserved(device) / gib:.2f} GiB, "
                 f"peak {peak_memory_bytes(device) / gib:.2f} GiB")
     return f"CPU: peak RSS {peak_memory_bytes(device) / 1024**3:.2f} GiB, {torch.get_num_threads()} threads"
+
+
+# -- sharing the CPU with the other attnrl processes ----------------------------------------------------
+def _registry() -> Path:
+    path = Path(tempfile.gettempdir()) / f"attnrl-processes-{os.getuid()}"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def sharing_cpu(device: torch.device):
+    """While inside, this process counts as an attnrl process computing on the CPU (`share_cpu` divides the
+    cores among those); a mark left by a killed process is dropped when its PID is found dead."""
+    mark = _registry() / str(os.getpid())
+    if device.type == "cpu":
+        mark.touch()
+    try:
+        yield
+    finally:
+        mark.unlink(missing_ok=True)
+
+
+def running_processes() -> int:
+    """attnrl processes computing on the CPU now (this one included if registered); stale marks removed."""
+    count = 0
+    for mark in _registry().iterdir():
+        if mark.name.isdigit() and _alive(int(mark.name)):
+            count += 1
+        else:
+            mark.unlink(missing_ok=True)
+    return max(count, 1)
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def share_cpu(requested: int = 0) -> int:
+    """Set torch's intra-op threads: `requested` when > 0, else this process's share of the cores it may
+    use among the attnrl processes running now; returns the count. Called again (each episode), it follows
+    processes that start or stop. Two processes with every core each make their threads fight (spinning
+    OpenMP workers, each waiting on the other's): 5-20x slower than sharing (BENCHMARKS.md)."""
+    threads = requested if requested > 0 else max(1, usable_cores() // running_processes())
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return threads

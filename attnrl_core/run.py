@@ -2,8 +2,9 @@
 
 `train(cfg)` initialises (model + adapter, data stream with key embeddings, 8-bit Adam, reward
 statistics), then per episode rolls out a batch, filters it, updates the policy on the selected
-trajectories, and logs; the run directory's format is `rundir`'s. Imports attnrl_core.checkpoint,
-.config, .data, .embeddings, .evaluate, .files, .host, .model, .resilience, .rundir, .training and .viz.
+trajectories, and logs; the run directory's format is `rundir`'s. Imports attnrl_core.accounting,
+.checkpoint, .config, .corpus, .data, .embeddings, .evaluate, .files, .host, .model, .resilience, .rundir,
+.tracking, .training and .viz.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ from tqdm.auto import tqdm
 from .accounting import rollout_work, update_work
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import DataPosition, encode_separators, iter_key_value_batches, long_articles
+from .corpus import DataPosition, longest_article_tokens
+from .data import encode_separators, iter_key_value_batches, long_articles
 from .embeddings import key_embedding_fn
 from .evaluate import heldout_batch, trained_policy_score
 from .files import append_jsonl, truncate_jsonl
-from .host import hardware_state, keep_freed_memory, peak_memory_bytes, reset_peak_memory, seed_everything
+from .host import (hardware_state, keep_freed_memory, peak_memory_bytes, reset_peak_memory, seed_everything,
+                   share_cpu, sharing_cpu)
 from .model import head_geometry, load_policy, load_tokenizer, resolve_device
 from .resilience import FallbackState, rollout_resilient, update_resilient
 from .rundir import episode_metrics, prepare_run_dir, trajectory_records, write_config
+from .tracking import Trackers, parse_report_to
 from .training import RunningStats, filter_batch, make_optimizer, read_length
 from .viz import save_run_figures
 
@@ -58,6 +62,11 @@ class _StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    @staticmethod
+    def report(episode: int, out: Path) -> None:
+        print(f"stopped after episode {episode} (checkpoint written); resume with:\n"
+              f"  python -m attnrl_core train --resume --output_dir {out}")
+
 
 def validate_inputs(cfg: TrainConfig, resume: bool):
     """Everything that can be checked before the model is loaded, in seconds: run directory, device,
@@ -71,6 +80,11 @@ def validate_inputs(cfg: TrainConfig, resume: bool):
         raise ValueError(f"model {cfg.model_name!r} cannot be found ({str(e).splitlines()[0][:120]}): log in with "
                          "`hf auth login`, or set HF_HUB_OFFLINE=1 with the model already cached, "
                          "or use --preset embedded") from None
+    longest = longest_article_tokens(cfg, tokenizer)
+    if longest is not None and longest < cfg.min_article_tokens:
+        raise ValueError(f"num_kv_pairs={cfg.num_kv_pairs} needs articles of {cfg.min_article_tokens} tokens, and the "
+                         f"longest training article of {cfg.dataset_name} has {longest}: use num_kv_pairs <= "
+                         f"{longest // cfg.tokens_per_kv_pair} or shorter chunks")
     next(long_articles(cfg, tokenizer))
     return out, ckpt, device, tokenizer
 
@@ -90,8 +104,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     """Run `cfg.num_episodes` episodes; return the run directory. Nothing is written before the inputs
     have been validated, and an existing run is only ever continued (`resume=True`), never overwritten."""
     out, ckpt, device, tokenizer = validate_inputs(cfg, resume)
-    seed_everything(cfg.seed)
-    keep_freed_memory(device)
+    _prepare_host(cfg, device)
     # 1. Initialisation
     model, tokenizer = load_policy(cfg, device, tokenizer)
     sep, geo = encode_separators(tokenizer), head_geometry(model)
@@ -106,10 +119,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     describe = lambda: hardware_state(device)  # noqa: E731
     bar = tqdm(range(start, cfg.num_episodes), initial=start, total=cfg.num_episodes, desc="episodes",
                disable=not progress)
+    trackers = Trackers(parse_report_to(cfg.report_to), out, cfg.to_dict(), resume=ckpt is not None,
+                        first_step=start + 1)
     nonfinite_streak, episode = 0, start
     try:
-        with _StopRequest() as stop:
+        with _StopRequest() as stop, sharing_cpu(device):  # runs side by side share the cores
             for episode in (e + 1 for e in bar):
+                share_cpu(cfg.num_threads)
                 if device.type == "cuda":  # per-episode peaks; the CPU's VmHWM stays the process's peak
                     reset_peak_memory(device)
                 t0 = time.perf_counter()
@@ -132,8 +148,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                     selected = torch.zeros_like(selected)
                     log.warning("episode %d: non-finite reward; update skipped, statistics unchanged", episode)
                 t2 = time.perf_counter()
-                nonfinite_streak = 0 if finite and not (upd and upd.skipped_steps) else nonfinite_streak + 1
-                _check_nonfinite(nonfinite_streak, cfg.max_nonfinite)
+                nonfinite_streak = _nonfinite_streak(nonfinite_streak, finite, upd, cfg.max_nonfinite)
                 # 7. logging
                 metrics = episode_metrics(episode, traj, selected, threshold, upd, stats, finite, (t1 - t0, t2 - t1),
                                           _tokens_read(traj, selected, upd), peak_memory_bytes=peak_memory_bytes(device),
@@ -141,29 +156,42 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                                           oom_events=sizes.oom_events)
                 if heldout is not None and (episode % cfg.eval_every == 0 or episode == cfg.num_episodes):
                     metrics.update(trained_policy_score(model, heldout, sep, geo, cfg))
-                append_jsonl(out / "metrics.jsonl", [metrics])
-                append_jsonl(out / "trajectories.jsonl", trajectory_records(traj, tokenizer, episode, selected))
+                _write_logs(out, trackers, metrics, trajectory_records(traj, tokenizer, episode, selected))
                 _report(bar, metrics, cfg, upd)
                 if episode % cfg.checkpoint_every == 0 or episode == cfg.num_episodes or stop.signal is not None:
                     save_checkpoint(out, episode, model, optimizer, {"stats": stats.state_dict(),
                                     "data_position": vars(batch.position)}, cfg.keep_checkpoints)
                 if stop.signal is not None:
-                    print(f"stopped after episode {episode} (checkpoint written); resume with:\n"
-                          f"  python -m attnrl_core train --resume --output_dir {out}")
+                    stop.report(episode, out)
                     break
     except Exception:
         log.error("training failed at episode %d; hardware state: %s", episode, hardware_state(device))
         raise
     finally:
         bar.close()
+        trackers.close()
     save_run_figures(out)
     return out
 
 
-def _check_nonfinite(streak: int, limit: int) -> None:
+def _prepare_host(cfg: TrainConfig, device: torch.device) -> None:
+    seed_everything(cfg.seed)
+    keep_freed_memory(device)
+
+
+def _nonfinite_streak(streak: int, finite: bool, upd, limit: int) -> int:
+    """Consecutive episodes with a non-finite reward, loss or gradient; the run stops at `limit`."""
+    streak = 0 if finite and not (upd and upd.skipped_steps) else streak + 1
     if streak >= limit:
         raise RuntimeError(f"{streak} consecutive episodes with a non-finite reward, loss or gradient: lower "
                            "learning_rate, or use dtype float32 / bfloat16 instead of float16")
+    return streak
+
+
+def _write_logs(out: Path, trackers: Trackers, metrics: dict, records: list[dict]) -> None:
+    append_jsonl(out / "metrics.jsonl", [metrics])
+    append_jsonl(out / "trajectories.jsonl", records)
+    trackers.log(metrics, metrics["episode"])
 
 
 def _tokens_read(traj, selected: torch.Tensor, upd) -> int:

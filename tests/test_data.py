@@ -5,9 +5,9 @@ import torch
 
 from attnrl_core.assets import clean_wikitext, embedded_dataset_file
 from attnrl_core.config import TrainConfig
-from attnrl_core.data import (QUERY_SEPARATOR, RESPONSE_SEPARATOR, DataPosition, encode_separators,
-                              iter_key_value_batches, iter_wikipedia_articles, sample_chunks, split_key_values,
-                              tokenize_articles)
+from attnrl_core.corpus import DataPosition, iter_wikipedia_articles
+from attnrl_core.data import (QUERY_SEPARATOR, RESPONSE_SEPARATOR, encode_separators, iter_key_value_batches,
+                              sample_chunks, split_key_values, tokenize_articles)
 from attnrl_core.rollout import initial_context
 
 

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from attnrl_core.__main__ import main
 from attnrl_core.files import read_jsonl
@@ -11,7 +10,7 @@ from attnrl_core.rundir import METRICS
 
 ARGS = ["--preset", "embedded", "--num_episodes", "3", "--generation_batch_size", "4", "--training_batch_size", "2",
         "--num_kv_pairs", "4", "--warmup_trajectories", "4", "--filter_num_sd", "0", "--checkpoint_every", "2",
-        "--learning_rate", "1e-3", "--no_progress"]
+        "--learning_rate", "1e-3", "--report_to", "tensorboard", "--no_progress"]
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +58,15 @@ def test_existing_run_is_refused_and_untouched(run_dir, capsys):
     assert main(["train", *ARGS, "--output_dir", str(run_dir)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert before == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_metrics_reach_tensorboard(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("reward")]
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [s for s, _ in logged] == [1, 2, 3]
+    assert [v for _, v in logged] == pytest.approx([m["reward"] for m in metrics], rel=1e-6)
+    assert {"selection_entropy", "kl", "tokens_per_second"} <= set(events.Tags()["scalars"])

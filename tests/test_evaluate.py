@@ -7,7 +7,7 @@ import torch
 
 from attnrl_core.__main__ import main
 from attnrl_core.config import TrainConfig
-from attnrl_core.data import is_heldout, iter_wikipedia_articles
+from attnrl_core.corpus import is_heldout, iter_wikipedia_articles
 from attnrl_core.evaluate import METHODS, compare_methods
 from attnrl_core.model import head_geometry
 from attnrl_core.rollout import rollout

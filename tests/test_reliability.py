@@ -110,7 +110,10 @@ BAD_INPUTS = {
     "unknown preset": (["--preset", "gpt-5"], "preset"),
     "model not found offline": (["--model_name", "/nonexistent/model-dir"], "cannot be found"),
     "dataset not found": (["--dataset_name", "/nonexistent/dataset"], "cannot be loaded"),
-    "no article long enough": (["--num_kv_pairs", "5000", "--max_scan_articles", "30"], "lower num_kv_pairs"),
+    "no article long enough": (["--num_kv_pairs", "5000", "--max_scan_articles", "30"], "num_kv_pairs <="),
+    "impossible num_kv_pairs": (["--num_kv_pairs", "100000"], "longest training article"),
+    "unknown tracker": (["--report_to", "mlflow"], "unknown tracker"),
+    "negative threads": (["--num_threads", "-1"], "num_threads"),
     "cuda without cuda": (["--device", "cuda"], "CUDA is not available"),
     "unknown dtype": (["--dtype", "int3"], "dtype"),
 }
