@@ -12,8 +12,10 @@ Modules, lowest first (each imports only modules above it):
   embeddings  query/key embeddings and the GQA-aware similarity
   rollout     batched trajectories (policy and base model in one batch) and rewards
   accounting  tokens and FLOPs of a rollout and an update, from shapes
-  diagnostics selection diagnostics and paired statistics (pure)
-  training    filter, loss, update, optimizer
+  diagnostics selection diagnostics, paired statistics, the learning check's figure (pure)
+  filtering   running reward statistics and the selection threshold (pure)
+  loss        REINFORCE + KL loss, reward baselines, value NLL (pure)
+  training    the update phase and its optimizer
   resilience  out-of-memory fallbacks around rollout and update
   checkpoint  atomic, hashed checkpoints
   rundir      the run directory's format: metrics, trajectory records, reading a run

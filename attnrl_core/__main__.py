@@ -2,7 +2,8 @@
 
 Bad input ends with one line naming the problem and the fix, exit code 2, and nothing written. Each
 command imports its module when it runs, so `--help` and a refused flag answer without loading torch.
-Imports attnrl_core.config (and, per command, .run, .assets, .evaluate, .bench or .doctor).
+Imports attnrl_core.config (and, per command, .run, .assets, .evaluate, .diagnostics, .rundir, .bench or
+.doctor).
 """
 
 from __future__ import annotations
@@ -56,6 +57,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"written: {args.run_dir}/eval/{report['checkpoint']}.json and .png")
     if args.json:
         print(json.dumps(report))
+    return 0
+
+
+def _cmd_learning_check(args: argparse.Namespace) -> int:
+    """The overfit check's figure from a run's metrics.jsonl: does the training reward rise?"""
+    from .diagnostics import learning_figure
+    from .rundir import load_run
+
+    _, metrics, _ = load_run(args.run_dir)
+    fig = learning_figure([m["reward"] for m in metrics], args.window)
+    verdict = "rises clearly (z > 2)" if fig["z"] > 2 else "does not rise clearly (z <= 2)"
+    print(f"{args.run_dir}: {fig['episodes']} episodes; mean batch reward of the first {fig['window']} "
+          f"{fig['first_mean']:+.4f} ± {fig['first_se']:.4f}, of the last {fig['window']} {fig['last_mean']:+.4f} ± "
+          f"{fig['last_se']:.4f}; difference {fig['difference']:+.4f} ± {fig['se']:.4f}, z = {fig['z']:+.2f}: "
+          f"the reward {verdict}")
+    if args.json:
+        print(json.dumps(fig))
     return 0
 
 
@@ -117,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="non-overlapping windows per held-out article, where it is long enough (each a unit)")
     ev.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
     ev.set_defaults(func=_cmd_evaluate)
+    check = sub.add_parser("learning_check", help="does a run's training reward rise? (first vs last episodes, z)",
+                           description="The overfit check's figure: train with --max_train_articles 8 (see "
+                                       "EXPERIMENTS.md), then compare the first and last episodes' mean batch reward.")
+    check.add_argument("--run_dir", required=True, help="run directory")
+    check.add_argument("--window", type=_positive, default=20, help="episodes in each of the two windows")
+    check.add_argument("--json", action="store_true", help="print the figure as one JSON object on the last line")
+    check.set_defaults(func=_cmd_learning_check)
     bench = sub.add_parser("bench", help="measure rollout/update throughput against a naive path and the hardware")
     bench.add_argument("--preset", choices=["embedded", "llama-3.2-3b-shape"], default="embedded",
                        help="embedded: SmolLM2-135M on CPU; llama-3.2-3b-shape: random 3B weights (for a GPU)")

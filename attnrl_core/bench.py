@@ -13,7 +13,7 @@ come from `accounting` (the cached path's minimal work; the naive path is charge
 work, so its extra re-encoding shows up as lower throughput; a trained token is one the update reads,
 up to each trajectory's last query token) and are compared with the machine's own measured matmul
 rate (fp32 on CPU, bf16 on GPU). Each phase is timed after one untimed run of the same size: the
-steady state of a long run.
+steady state of a long run (the naive path included).
 Imports attnrl_core.accounting, .config, .data, .embeddings, .host, .model, .rollout and .training.
 """
 
@@ -26,15 +26,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 
 from .accounting import forward_flops, rollout_work, training_flops, update_work
 from .config import EMBEDDED_DATASET, TrainConfig
 from .data import KeyValueBatch, Separators, encode_separators, iter_key_value_batches
 from .embeddings import key_embedding_fn, query_embeddings
 from .host import keep_freed_memory, peak_memory_bytes, reset_peak_memory, share_cpu, sharing_cpu, synchronize
-from .model import (HeadGeometry, adapter_parameters, attach_adapter, base_model, float32_head, head_geometry,
-                    load_policy, load_tokenizer, resolve_device, resolve_dtype)
+from .model import (HeadGeometry, adapter_parameters, attach_adapter, base_model, float32_head, gqa_attention,
+                    head_geometry, load_policy, load_tokenizer, resolve_device, resolve_dtype)
 from .rollout import initial_context, rollout
 from .training import load_values, make_optimizer, read_length, update_policy
 
@@ -127,8 +127,9 @@ def _llama_3b_shape(cfg: TrainConfig, device: torch.device):
     config = LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
                          num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
                          rope_theta=500000.0, max_position_embeddings=131072, bos_token_id=128000)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(resolve_dtype(cfg, device)).eval()
+    with torch.device(device):  # built in its dtype on the device: no float32 copy of 3B weights on the host
+        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(cfg, device)).eval()
+    model.set_attn_implementation(gqa_attention())
     tokenizer = load_tokenizer(TrainConfig.from_preset("embedded"))  # ids fit in the larger vocabulary
     return attach_adapter(float32_head(model), cfg), tokenizer
 
@@ -188,7 +189,8 @@ def _benchmark(cfg: TrainConfig, preset: str, device: torch.device, skip_naive: 
     result["rollout_trajectories_per_second"] = B / t_cached.seconds
     result["rollout_tokens_per_second"] = tokens_read / t_cached.seconds
     result["rollout_peak_memory_bytes"] = t_cached.peak_bytes
-    if not skip_naive:
+    if not skip_naive:  # timed after one untimed run too, so the speedup compares steady states
+        naive_rollout(model, batch, sep, geo, cfg.tokens_per_query, cfg.temperature)
         (chosen, rewards), t_naive = _timed(device, lambda: naive_rollout(model, batch, sep, geo, cfg.tokens_per_query,
                                                                           cfg.temperature), cfg.num_threads)
         same_pairs = torch.equal(chosen.cpu(), traj.choices.cpu())

@@ -49,6 +49,8 @@ class TrainConfig:
     id_column: str = _f("id", "column holding an article's id (the held-out split hashes it)")
     eval_fraction: float = _f(0.1, "fraction of articles (by a hash of their id) held out of training for `evaluate`")
     max_scan_articles: int = _f(10_000, "articles scanned without finding a long-enough one before giving up")
+    max_train_articles: int = _f(0, "train on the first N long-enough training articles only, cycled (the overfit "
+                                 "check); 0 uses them all")
     # --- model ------------------------------------------------------------------------------
     model_name: str = _f("meta-llama/Llama-3.2-3B", "base model on the Hub or 'embedded:smollm2-135m'")
     tokenizer_name: str = _f("", "tokenizer name; empty means the model's own")
@@ -61,6 +63,7 @@ class TrainConfig:
     # --- policy and selection ---------------------------------------------------------------
     temperature: float = _f(1.0, "similarity temperature: scores are multiplied by it (larger = sharper)")
     query_temperature: float = _f(1.0, "sampling temperature of query tokens (policy and counterfactual)")
+    similarity_layer: int = _f(-1, "decoder layer whose q_proj/k_proj embed queries and keys (-1: the last, SPEC's)")
     # --- RL ---------------------------------------------------------------------------------
     learning_rate: float = _f(2e-4, "8-bit Adam learning rate")
     max_grad_norm: float = _f(1.0, "gradient norm clip")
@@ -70,6 +73,18 @@ class TrainConfig:
     generation_batch_size: int = _f(64, "trajectories rolled out together per episode")
     training_batch_size: int = _f(16, "selected trajectories per update micro-batch")
     gradient_accumulation_steps: int = _f(1, "micro-batches accumulated per optimizer step")
+    # --- research levers (each default is SPEC's method) -----------------------------------------
+    choice_in_loss: int = _f(0, "1: a step's REINFORCE log-prob also includes log p(chosen pair | query) under the "
+                             "similarity distribution, so the gradient reaches the selection (0: SPEC's, query tokens only)")
+    value_nll_weight: float = _f(0.0, "adds this x the policy's mean NLL of the selected trajectories' values in their "
+                                 "contexts (a change to SPEC's method: the model also learns the chunks it chose)")
+    kl_reference: str = _f("previous", "KL penalty against: previous (SPEC's: the policy that rolled the batch out) | "
+                           "base (the adapter-disabled base model, TRL's and verl's reference)")
+    reward_baseline: str = _f("none", "subtracted from the reward in the loss: none (SPEC's) | running_mean (of the "
+                              "rewards before the batch) | leave_one_out (mean of the article's other "
+                              "trajectories_per_article - 1 trajectories, RLOO's); the filter always sees the raw reward")
+    trajectories_per_article: int = _f(1, "trajectories of each article in a batch (same pool, own queries and "
+                                       "choices); must divide generation_batch_size")
     num_episodes: int = _f(2000, "episodes (rollout batch + update phase); no early stopping")
     # --- run --------------------------------------------------------------------------------
     checkpoint_every: int = _f(100, "episodes between checkpoints (one is always written at the end)")
@@ -103,7 +118,7 @@ class TrainConfig:
                 raise ValueError(f"{f.name}={value!r} is invalid: must be a finite number")
         for name in ("tokens_per_key", "tokens_per_value", "tokens_per_query", "generation_batch_size",
                      "training_batch_size", "gradient_accumulation_steps", "num_episodes", "checkpoint_every",
-                     "log_every", "lora_r", "max_scan_articles"):
+                     "log_every", "lora_r", "max_scan_articles", "trajectories_per_article"):
             need(getattr(self, name) >= 1, name, "an integer >= 1")
         need(self.num_kv_pairs >= 2, "num_kv_pairs", "an integer >= 2 (pair 0 is the in-context example)")
         need(0.0 < self.subset_fraction <= 1.0, "subset_fraction", "in (0, 1]")
@@ -122,6 +137,16 @@ class TrainConfig:
         need(self.max_nonfinite >= 1, "max_nonfinite", "an integer >= 1")
         need(self.warmup_trajectories >= 0, "warmup_trajectories", "an integer >= 0")
         need(self.filter_num_sd >= 0, "filter_num_sd", ">= 0")
+        need(self.max_train_articles >= 0, "max_train_articles", "an integer >= 0 (0: all)")
+        need(self.choice_in_loss in (0, 1), "choice_in_loss", "0 or 1")
+        need(self.value_nll_weight >= 0, "value_nll_weight", ">= 0")
+        need(self.kl_reference in ("previous", "base"), "kl_reference", "previous or base")
+        need(self.reward_baseline in ("none", "running_mean", "leave_one_out"), "reward_baseline",
+             "none, running_mean or leave_one_out")
+        need(self.generation_batch_size % self.trajectories_per_article == 0, "trajectories_per_article",
+             f"a divisor of generation_batch_size ({self.generation_batch_size})")
+        need(self.reward_baseline != "leave_one_out" or self.trajectories_per_article >= 2, "trajectories_per_article",
+             ">= 2 with reward_baseline leave_one_out (the baseline is the mean of the article's other trajectories)")
         need(self.training_batch_size <= self.generation_batch_size, "training_batch_size",
              f"<= generation_batch_size ({self.generation_batch_size}): at most that many trajectories are selected")
         need(self.preset in PRESETS, "preset", f"one of {sorted(PRESETS)}")

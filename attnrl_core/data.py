@@ -135,18 +135,23 @@ class KeyValueBatch:
 
 
 def iter_pair_batches(tokenized: Iterable[tuple[dict, torch.Tensor]], cfg: TrainConfig, batch_size: int,
-                      position: DataPosition | None = None,
-                      generator: torch.Generator | None = None) -> Iterator[KeyValueBatch]:
+                      position: DataPosition | None = None, generator: torch.Generator | None = None,
+                      per_article: int = 1) -> Iterator[KeyValueBatch]:
     """Group tokenised articles into `KeyValueBatch`es of `batch_size` rows, cut into `cfg`'s pairs, with
-    sampled pools."""
+    sampled pools; with `per_article` K each article fills K consecutive rows with the same pool (a group
+    whose trajectories differ only by their own queries and choices)."""
+    assert batch_size % per_article == 0, (batch_size, per_article)
     it = iter(tokenized)
-    while chunk := list(itertools.islice(it, batch_size)):
-        if len(chunk) < batch_size:
+    while chunk := list(itertools.islice(it, batch_size // per_article)):
+        if len(chunk) < batch_size // per_article:
             return  # a finite stream's remainder would break the fixed batch shape
-        tokens = torch.stack([t for _, t in chunk])  # [B, N*(Tk+Tv)]
+        tokens = torch.stack([t for _, t in chunk])  # [B/K, N*(Tk+Tv)]
         keys, values = split_key_values(tokens, cfg.num_kv_pairs, cfg.tokens_per_key, cfg.tokens_per_value)
         pool = sample_chunks(len(chunk), cfg.num_kv_pairs, cfg.pool_size, generator)
-        yield KeyValueBatch(keys, values, pool, [str(a["id"]) for a, _ in chunk], [a["title"] for a, _ in chunk],
+        if per_article > 1:
+            keys, values, pool = (x.repeat_interleave(per_article, dim=0) for x in (keys, values, pool))
+        yield KeyValueBatch(keys, values, pool, [str(a["id"]) for a, _ in chunk for _ in range(per_article)],
+                            [a["title"] for a, _ in chunk for _ in range(per_article)],
                             position=dataclasses.replace(position) if position else DataPosition())
 
 
@@ -175,11 +180,32 @@ def long_articles(cfg: TrainConfig, tokenizer, split: str = "train", min_tokens:
 def iter_key_value_batches(cfg: TrainConfig, tokenizer, embed_fn: Callable[[torch.Tensor], torch.Tensor] | None,
                            start: DataPosition | None = None, generator: torch.Generator | None = None,
                            split: str = "train", passes: int | None = None) -> Iterator[KeyValueBatch]:
-    """The whole pipeline of SPEC.md §4.4: articles -> filter -> pairs -> pools -> key embeddings."""
+    """The whole pipeline of SPEC.md §4.4: articles -> filter -> pairs -> pools -> key embeddings. With
+    `cfg.max_train_articles` N the training split is its first N long-enough articles, cycled."""
     position = DataPosition()
-    tokenized = long_articles(cfg, tokenizer, split, passes=passes, start=start, position=position)
-    batches = iter_pair_batches(tokenized, cfg, cfg.generation_batch_size, position, generator)
+    if cfg.max_train_articles and split == "train":
+        tokenized = cycled_articles(cfg, tokenizer, cfg.max_train_articles, start, position)
+    else:
+        tokenized = long_articles(cfg, tokenizer, split, passes=passes, start=start, position=position)
+    batches = iter_pair_batches(tokenized, cfg, cfg.generation_batch_size, position, generator,
+                                cfg.trajectories_per_article)
     return add_embeddings(batches, embed_fn) if embed_fn is not None else batches
+
+
+def cycled_articles(cfg: TrainConfig, tokenizer, n: int, start: DataPosition | None = None,
+                    position: DataPosition | None = None) -> Iterator[tuple[dict, torch.Tensor]]:
+    """The first `n` long-enough training articles of the stream's first pass, cycled in that order forever.
+    `position.index` counts the articles yielded, so a checkpoint resumes the cycle where it was."""
+    fixed = list(itertools.islice(long_articles(cfg, tokenizer, "train", passes=1), n))
+    if len(fixed) < n:
+        raise ValueError(f"max_train_articles={n}, but {cfg.dataset_name} has only {len(fixed)} training articles of "
+                         f"{cfg.min_article_tokens} tokens: lower max_train_articles or num_kv_pairs")
+    position = position if position is not None else DataPosition()
+    position.epoch, position.index = 0, (start.index if start else 0)
+    while True:
+        article = fixed[position.index % n]
+        position.index += 1
+        yield article
 
 
 def article_token_lengths(articles: Iterable[dict], tokenizer) -> list[int]:

@@ -137,9 +137,15 @@ def sample_tokens(model: nn.Module, cache: DynamicCache, prompt: torch.Tensor, n
 def score_continuation(model: nn.Module, cache: DynamicCache, prefix: torch.Tensor,
                        target: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
     """Read prefix [B, S] + target [B, T] into `cache`; return log p(target tokens) [B, T] (float32)."""
-    T = target.shape[1]
-    S = prefix.shape[1]
-    predicting = torch.arange(S - 1, S + T - 1, device=target.device)  # the positions before each target token
-    logits = forward_logits(model, torch.cat([prefix, target], dim=1), cache, predicting, adapter_names).float()
+    return score_tail(model, cache, torch.cat([prefix, target], dim=1), target.shape[1], adapter_names)
+
+
+def score_tail(model: nn.Module, cache: DynamicCache, ids: torch.Tensor, T: int,
+               adapter_names: list[str] | None = None) -> torch.Tensor:
+    """Read ids [B, S] into `cache`; return log p of its last T tokens [B, T] (float32), logits only there."""
+    S = ids.shape[1]
+    target = ids[:, S - T:]
+    predicting = torch.arange(S - T - 1, S - 1, device=ids.device)  # the positions before each target token
+    logits = forward_logits(model, ids, cache, predicting, adapter_names).float()
     # log p(target) = logit(target) - logsumexp(logits): no [B, T, V] log-softmax tensor is written
     return logits.gather(-1, target[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)

@@ -162,3 +162,21 @@ def oracle_fraction(chosen: np.ndarray, mean: np.ndarray, best: np.ndarray,
         ci = [math.nan, math.nan]
     return {"fraction": fraction, "ci": ci, "best": float(best_a.mean()),
             "mean": float(mean_a.mean()), "chosen": float(chosen_a.mean())}
+
+
+def learning_figure(rewards, window: int = 20) -> dict:
+    """The overfit check's figure: mean batch reward of the last `window` episodes minus that of the first,
+    its standard error (episodes as independent draws) and z = difference / SE. `rewards` [E] per episode,
+    None or NaN where an episode had none (skipped). Rises "clearly" when z > 2."""
+    r = np.asarray([np.nan if x is None else x for x in rewards], dtype=np.float64)
+    _require(r.ndim == 1, "rewards must be a sequence of per-episode rewards")
+    _require(window >= 2 and r.shape[0] >= 2 * window,
+             f"{r.shape[0]} episodes are too few for two windows of {window}: train longer or lower --window")
+    first, last = r[:window][np.isfinite(r[:window])], r[-window:][np.isfinite(r[-window:])]
+    _require(first.size >= 2 and last.size >= 2, "fewer than 2 finite rewards in a window")
+    se_first, se_last = first.std(ddof=1) / math.sqrt(first.size), last.std(ddof=1) / math.sqrt(last.size)
+    se = math.hypot(se_first, se_last)
+    diff = float(last.mean() - first.mean())
+    return {"episodes": int(r.shape[0]), "window": window, "first_mean": float(first.mean()), "first_se": se_first,
+            "last_mean": float(last.mean()), "last_se": se_last, "difference": diff, "se": se,
+            "z": diff / se if se > 0 else math.nan}

@@ -2,7 +2,7 @@
 
 DESIGN.md §2.1-2.2: an embedding is the mean over a chunk's own tokens (no surrounding context) of
 the last layer's `q_proj` (queries, adapter on) or `k_proj` (keys, adapter off) output, captured by a
-forward hook. Similarity: per query head h, scaled dot products with KV group h // (Hq/Hkv), softmax
+forward hook; `similarity_layer` picks another layer (a research lever; -1, the last, is SPEC's). Similarity: per query head h, scaled dot products with KV group h // (Hq/Hkv), softmax
 over the available keys per head, then the mean of the per-head distributions.
 Imports attnrl_core.model only.
 """
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import base_model, head_geometry, last_attention
+from .model import attention_layer, base_model, head_geometry
 
 
 class _StopForward(Exception):
@@ -58,23 +58,23 @@ def extract_embeddings(model: nn.Module, token_ids: torch.Tensor, module: nn.Mod
     return out.float().mean(dim=1)
 
 
-def query_embeddings(model: nn.Module, query_tokens: torch.Tensor) -> torch.Tensor:
-    """[B, Tq] -> [B, Hq*D]: the policy's (adapter on) last-layer q_proj, averaged over the query."""
-    return extract_embeddings(model, query_tokens, last_attention(model).q_proj)
+def query_embeddings(model: nn.Module, query_tokens: torch.Tensor, layer: int = -1) -> torch.Tensor:
+    """[B, Tq] -> [B, Hq*D]: the policy's (adapter on) q_proj of layer `layer`, averaged over the query."""
+    return extract_embeddings(model, query_tokens, attention_layer(model, layer).q_proj)
 
 
-def key_embeddings(model: nn.Module, key_tokens: torch.Tensor) -> torch.Tensor:
-    """[M, Tk] -> [M, Hkv*D]: the base model's (adapter off) last-layer k_proj, averaged over the key."""
+def key_embeddings(model: nn.Module, key_tokens: torch.Tensor, layer: int = -1) -> torch.Tensor:
+    """[M, Tk] -> [M, Hkv*D]: the base model's (adapter off) k_proj of layer `layer`, averaged over the key."""
     with base_model(model), torch.no_grad():
-        return extract_embeddings(model, key_tokens, last_attention(model).k_proj)
+        return extract_embeddings(model, key_tokens, attention_layer(model, layer).k_proj)
 
 
-def key_embedding_fn(model: nn.Module, device: torch.device,
-                     chunk: int = 256) -> Callable[[torch.Tensor], torch.Tensor]:
+def key_embedding_fn(model: nn.Module, device: torch.device, chunk: int = 256,
+                     layer: int = -1) -> Callable[[torch.Tensor], torch.Tensor]:
     """For `data.add_embeddings`: CPU token ids [M, Tk] in, key embeddings [M, Hkv*D] out (on `device`)."""
 
     def embed(tokens: torch.Tensor) -> torch.Tensor:
-        return torch.cat([key_embeddings(model, part.to(device)) for part in tokens.split(chunk)])
+        return torch.cat([key_embeddings(model, part.to(device), layer) for part in tokens.split(chunk)])
 
     return embed
 
@@ -103,6 +103,20 @@ def compute_similarity(query_emb: torch.Tensor, key_emb: torch.Tensor, num_query
     """Probabilities over keys [B, K]: the mean over query heads of per-head softmaxes (rows sum to 1;
     unavailable keys get exactly 0). query_emb [B, Hq*D], key_emb [B, K, Hkv*D], available [B, K] bool."""
     return head_probabilities(query_emb, key_emb, num_query_heads, num_kv_heads, temperature, available).mean(dim=1)
+
+
+def choice_logprob(model: nn.Module, queries: torch.Tensor, key_emb: torch.Tensor, available: torch.Tensor,
+                   choices: torch.Tensor, temperature: float = 1.0, layer: int = -1) -> torch.Tensor:
+    """[n, P]: log p(choices[b, t] | query [b, t]) under the similarity distribution over the keys available at
+    each step, differentiable through the adapter on the query's q_proj (`choice_in_loss`). queries [n, P, Tq],
+    key_emb [n, N, E], available [n, P, N] bool, choices [n, P]."""
+    n, P, Tq = queries.shape
+    assert available.shape == (n, P, key_emb.shape[1]) and choices.shape == (n, P), (available.shape, choices.shape)
+    geo = head_geometry(model)
+    q = query_embeddings(model, queries.reshape(n * P, Tq), layer)  # one pass over the queries alone
+    probs = compute_similarity(q, key_emb.repeat_interleave(P, dim=0), geo.num_query_heads, geo.num_kv_heads,
+                               temperature, available.reshape(n * P, -1))  # [n*P, N]
+    return probs.gather(1, choices.reshape(n * P, 1).to(probs.device)).clamp_min(1e-30).log().view(n, P)
 
 
 @torch.no_grad()

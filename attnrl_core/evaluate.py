@@ -37,7 +37,7 @@ from .embeddings import key_embedding_fn
 from .files import atomic_write_text
 from .host import keep_freed_memory, share_cpu, sharing_cpu
 from .model import adapter_parameters, head_geometry, load_policy, resolve_device
-from .rollout import Trajectory, rollout
+from .rollout import Trajectory, rollout, rollout_options
 from .rundir import load_run
 from .training import swapped_parameters
 from .viz import plot_evaluation
@@ -67,9 +67,7 @@ def rollout_method(model, batch: KeyValueBatch, sep, geo, cfg: TrainConfig, meth
     """One method's rollout of every row, in chunks of `chunk` rows, from its own generator seeded `seed`."""
     device = batch.key_embeddings.device
     generator = torch.Generator(device=device).manual_seed(seed)
-    kwargs = dict(tokens_per_query=cfg.tokens_per_query, similarity_temperature=cfg.temperature,
-                  query_temperature=cfg.query_temperature, selector=SELECTOR[method], generator=generator,
-                  oracle=oracle)
+    kwargs = dict(**rollout_options(cfg), selector=SELECTOR[method], generator=generator, oracle=oracle)
     B = batch.batch_size
     params = adapter_parameters(model)
     parts = []
@@ -158,8 +156,8 @@ def _evaluate_checkpoint(cfg: TrainConfig, run_dir: Path, path: Path, device: to
                          progress: bool) -> dict:
     model, tokenizer = load_policy(cfg, device)
     load_adapter(path, model)
-    batch = heldout_batch(cfg, tokenizer, key_embedding_fn(model, device), num_articles, seed, windows_per_article,
-                          samples_per_article)
+    embed = key_embedding_fn(model, device, layer=cfg.similarity_layer)
+    batch = heldout_batch(cfg, tokenizer, embed, num_articles, seed, windows_per_article, samples_per_article)
     units = batch.batch_size // samples_per_article
     results = compare_methods(model, batch, encode_separators(tokenizer), head_geometry(model), cfg, seed,
                               samples_per_article, chunk=chunk, progress=progress)

@@ -164,9 +164,19 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return inner.model.layers
 
 
+def attention_layer(model: nn.Module, layer: int = -1) -> nn.Module:
+    """Decoder layer `layer`'s self-attention (Python indexing: -1 is the last); its q_proj is LoRA-wrapped
+    when the adapter targets it. An index outside the model is a one-line error."""
+    layers = decoder_layers(model)
+    if not -len(layers) <= layer < len(layers):
+        raise ValueError(f"similarity_layer={layer} is outside the model's {len(layers)} layers: use "
+                         f"-{len(layers)}..{len(layers) - 1}")
+    return layers[layer].self_attn
+
+
 def last_attention(model: nn.Module) -> nn.Module:
-    """The last decoder layer's self-attention (its q_proj is LoRA-wrapped when the adapter targets it)."""
-    return decoder_layers(model)[-1].self_attn
+    """The last decoder layer's self-attention (SPEC's similarity layer)."""
+    return attention_layer(model, -1)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ For a batch of B articles, in lock-step (every row has the same length at every 
   4. ` Response:` value is scored after each query, by its own model, in one forward pass: the policy's
      log-probs are the reward's first term, the base model's the second, and the policy's pass
      extends its context.
-  5. The base model's rows roll back and read the policy's query and value instead.
+  5. The base model's rows roll back and read the policy's query and value instead (scoring the value
+     there too: the reward's split into what the adapter and what the query contributed).
   6. r_t = mean log p_policy(value) - mean log p_base(value | counterfactual query).
 
 DESIGN.md §4's two KV caches are the two halves of one: policy and base model share every forward
@@ -19,8 +20,8 @@ pass, 2B rows, the adapter applied to the first B only (PEFT's mixed-adapter bat
 step reads the weights once for both. The cache is allocated once for the final length and written
 in place; nothing is re-encoded. The policy's sampling logits are kept: they are the previous
 policy of the update phase.
-Python loops run only over steps and generated tokens. Imports attnrl_core.data, .decoding, .embeddings
-and .model.
+Python loops run only over steps and generated tokens. Imports attnrl_core.config, .data, .decoding,
+.embeddings and .model.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
+from .config import TrainConfig
 from .data import KeyValueBatch, Separators
-from .decoding import BufferedCache, forward_logits, sample_tokens, score_continuation
+from .decoding import BufferedCache, forward_logits, sample_tokens, score_continuation, score_tail
 from .embeddings import compute_similarity, query_embeddings
 from .model import HeadGeometry, base_model, policy_and_base
 
@@ -52,6 +54,7 @@ class Trajectory:
     policy_logprob: torch.Tensor  # [B, P] mean log p_policy(value tokens)
     base_logprob: torch.Tensor  # [B, P] mean log p_base(value tokens | counterfactual query)
     rewards: torch.Tensor  # [B, P] calculate_reward: policy_logprob - base_logprob
+    base_same_logprob: torch.Tensor  # [B, P] mean log p_base(value tokens | the policy's own query and context)
     initial_length: int  # L0: tokens of [BOS] ` Query:` key_0 ` Response:` value_0
     step_length: int  # tokens appended per step: Sq + Tq + Sr + Tv
     query_offset: int  # Sq: where a step's query starts within the step
@@ -65,7 +68,7 @@ class Trajectory:
         assert self.tokens.shape == (B, self.initial_length + P * self.step_length), self.tokens.shape
         assert self.counterfactuals.shape == (B, P, Tq), self.counterfactuals.shape
         assert self.probabilities.shape == (B, P, N) and N == self.batch.key_tokens.shape[1], self.probabilities.shape
-        for name in ("choices", "choice_probs", "policy_logprob", "base_logprob", "rewards"):
+        for name in ("choices", "choice_probs", "policy_logprob", "base_logprob", "rewards", "base_same_logprob"):
             assert getattr(self, name).shape == (B, P), (name, getattr(self, name).shape)
         if self.query_logits is not None:
             assert self.query_logits.shape[:2] == (B, P * Tq), self.query_logits.shape
@@ -95,6 +98,32 @@ class Trajectory:
         return self.rewards.mean(dim=1)
 
     @property
+    def adapter_reward(self) -> torch.Tensor:  # [B, P] what the adapter alone adds: policy vs base, same context
+        return self.policy_logprob - self.base_same_logprob
+
+    @property
+    def query_reward(self) -> torch.Tensor:  # [B, P] what the policy's query adds over the counterfactual, base model
+        return self.base_same_logprob - self.base_logprob
+
+    @property
+    def available(self) -> torch.Tensor:
+        """[B, P, N] bool: the pairs left to choose from at each step (the pool less earlier choices)."""
+        B, P, N = self.probabilities.shape
+        device = self.choices.device
+        in_pool = torch.zeros(B, N, dtype=torch.bool, device=device)
+        in_pool[torch.arange(B, device=device)[:, None], self.batch.pool.to(device)] = True
+        taken = F.one_hot(self.choices, N).bool().cumsum(dim=1) > 0  # [B, P, N]: chosen at or before step t
+        earlier = torch.cat([torch.zeros_like(taken[:, :1]), taken[:, :-1]], dim=1)
+        return in_pool[:, None, :] & ~earlier
+
+    @property
+    def value_positions(self) -> torch.Tensor:
+        """[P*Tv] positions of the chosen values in `tokens` (the same for every row)."""
+        P, Tv = self.num_steps, self.batch.value_tokens.shape[2]
+        starts = self.initial_length + self.step_length * (torch.arange(P) + 1) - Tv
+        return (starts[:, None] + torch.arange(Tv)[None, :]).reshape(-1)
+
+    @property
     def query_positions(self) -> torch.Tensor:
         """[P*Tq] positions of the query tokens in `tokens` (the same for every row)."""
         P, Tq = self.queries.shape[1:]
@@ -111,7 +140,7 @@ class Trajectory:
 
 
 _ROW_FIELDS = ("tokens", "queries", "counterfactuals", "choices", "choice_probs", "probabilities", "policy_logprob",
-               "base_logprob", "rewards")
+               "base_logprob", "rewards", "base_same_logprob")
 
 
 def calculate_reward(policy_logprobs: torch.Tensor, base_logprobs: torch.Tensor) -> torch.Tensor:
@@ -174,11 +203,12 @@ def score_candidates(model: nn.Module, cache: BufferedCache, last_query_token: t
 def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGeometry, *,
             tokens_per_query: int, similarity_temperature: float = 1.0, query_temperature: float = 1.0,
             greedy: bool = False, selector: str = "attention", generator: torch.Generator | None = None,
-            oracle: bool = False) -> Trajectory:
+            oracle: bool = False, similarity_layer: int = -1) -> Trajectory:
     """Generate B trajectories in lock-step; see the module docstring for the steps. `selector` swaps
     the attention selection for a baseline (`choose_pairs`); everything else stays the same. Every
     random draw comes from `generator` when given (on the batch's device), else the global generator.
-    `oracle` also scores every pair left at every step (`score_candidates`, for evaluation)."""
+    `oracle` also scores every pair left at every step (`score_candidates`, for evaluation);
+    `similarity_layer` is the layer whose q_proj embeds the query (the keys' must match)."""
     assert batch.key_embeddings is not None, "run the batch through data.add_embeddings first"
     was_training = model.training
     model.eval()
@@ -200,7 +230,7 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
 
     chunks, query_logits = [context], []
     fields = {f: [] for f in ("queries", "counterfactuals", "choices", "choice_probs", "probabilities",
-                              "policy_logprob", "base_logprob", "rewards")}
+                              "policy_logprob", "base_logprob", "rewards", "base_same_logprob")}
     candidate_rewards = []
     for _ in range(P):
         # 1. the policy writes a query; the base model writes the counterfactual in the same passes
@@ -209,7 +239,7 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
         query_logits.append(logits)
         query, cf = queries[:B], queries[B:]
         # 2. the query's embedding scores the keys left in the pool
-        probs = compute_similarity(query_embeddings(model, query), batch.key_embeddings,
+        probs = compute_similarity(query_embeddings(model, query, similarity_layer), batch.key_embeddings,
                                    geo.num_query_heads, geo.num_kv_heads, similarity_temperature, available)  # [B, N]
         # 3. draw a pair without replacement
         if oracle:
@@ -224,12 +254,13 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
         policy_lp, base_lp = scored[:B], scored[B:]
         # 5. the base model's rows roll back to context + ` Query:` and read the policy's query and value
         appended = torch.cat([query, r_sep, value], dim=1)
-        with base_model(model):
-            forward_logits(model, appended, cache.rows(slice(B, 2 * B), cache.get_seq_length() - appended.shape[1]), 1)
+        with base_model(model):  # the value's log-prob in this pass splits the reward (adapter vs query)
+            base_same = score_tail(model, cache.rows(slice(B, 2 * B), cache.get_seq_length() - appended.shape[1]),
+                                   appended, value.shape[1])
         chunks += [q_sep, query, r_sep, value]
         # 6. the reward
         for name, x in zip(fields, (query, cf, choice, probs[rows, choice], probs, policy_lp.mean(dim=1),
-                                    base_lp.mean(dim=1), calculate_reward(policy_lp, base_lp))):
+                                    base_lp.mean(dim=1), calculate_reward(policy_lp, base_lp), base_same.mean(dim=1))):
             fields[name].append(x)
 
     tokens = torch.cat(chunks, dim=1)  # [B, L]
@@ -239,6 +270,12 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
                       initial_length=L0, step_length=step_length, query_offset=q_sep.shape[1], batch=batch,
                       query_logits=torch.cat(query_logits, dim=1),
                       candidate_rewards=torch.stack(candidate_rewards, dim=1) if oracle else None)
+
+
+def rollout_options(cfg: TrainConfig) -> dict:
+    """`rollout`'s keywords from a config (training, evaluation and the bench roll out alike)."""
+    return dict(tokens_per_query=cfg.tokens_per_query, similarity_temperature=cfg.temperature,
+                query_temperature=cfg.query_temperature, similarity_layer=cfg.similarity_layer)
 
 
 @torch.inference_mode()

@@ -3,8 +3,8 @@
 `train(cfg)` initialises (model + adapter, data stream with key embeddings, 8-bit Adam, reward
 statistics), then per episode rolls out a batch, filters it, updates the policy on the selected
 trajectories, and logs; the run directory's format is `rundir`'s. Imports attnrl_core.accounting,
-.checkpoint, .config, .corpus, .data, .embeddings, .evaluate, .files, .host, .model, .resilience, .rundir,
-.tracking, .training and .viz.
+.checkpoint, .config, .corpus, .data, .embeddings, .evaluate, .files, .filtering, .host, .loss, .model,
+.resilience, .rollout, .rundir, .tracking, .training and .viz.
 """
 
 from __future__ import annotations
@@ -30,9 +30,12 @@ from .host import (hardware_state, keep_freed_memory, peak_memory_bytes, reset_p
                    share_cpu, sharing_cpu)
 from .model import head_geometry, load_policy, load_tokenizer, resolve_device
 from .resilience import FallbackState, rollout_resilient, update_resilient
+from .rollout import rollout_options
 from .rundir import episode_metrics, prepare_run_dir, trajectory_records, write_config
 from .tracking import Trackers, parse_report_to
-from .training import RunningStats, filter_batch, make_optimizer, read_length
+from .filtering import RunningStats, filter_batch
+from .loss import advantages
+from .training import make_optimizer, read_length, update_options
 from .viz import save_run_figures
 
 log = logging.getLogger("attnrl")
@@ -111,7 +114,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     optimizer = make_optimizer(model, cfg)
     stats, start, data_start = _restore(out, ckpt, model, optimizer) if ckpt else (RunningStats(), 0, DataPosition())
     write_config(out, cfg)
-    embed = key_embedding_fn(model, device)
+    embed = key_embedding_fn(model, device, layer=cfg.similarity_layer)
     batches = iter_key_value_batches(cfg, tokenizer, embed, start=data_start)
     sizes = FallbackState(cfg.generation_batch_size, cfg.training_batch_size, cfg.gradient_accumulation_steps)
     # the same held-out batch every time, so the eval_* curve is comparable across episodes
@@ -131,19 +134,20 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 t0 = time.perf_counter()
                 batch = next(batches)
                 # 2-3. trajectories and rewards
-                traj = rollout_resilient(model, batch, sep, geo, sizes, describe, tokens_per_query=cfg.tokens_per_query,
-                                         similarity_temperature=cfg.temperature, query_temperature=cfg.query_temperature)
+                traj = rollout_resilient(model, batch, sep, geo, sizes, describe, **rollout_options(cfg))
                 t1 = time.perf_counter()
                 rewards = traj.avg_reward.float().cpu()
                 finite = bool(torch.isfinite(rewards).all())
                 # 4. filtering against the statistics before this batch, then add the batch
                 selected, threshold = filter_batch(rewards, stats, cfg.warmup_trajectories, cfg.filter_num_sd)
+                advantage = advantages(rewards, cfg.reward_baseline, stats.mean if stats.count else None,
+                                       cfg.trajectories_per_article)
                 upd = None
                 if finite:
                     stats.update(rewards)
                     # 5-6. policy update on the selected trajectories
-                    upd = update_resilient(model, optimizer, traj, selected, sizes, describe, beta=cfg.kl_beta,
-                                           max_grad_norm=cfg.max_grad_norm, query_temperature=cfg.query_temperature)
+                    upd = update_resilient(model, optimizer, traj, selected, sizes, describe, rewards=advantage,
+                                           **update_options(cfg))
                 else:
                     selected = torch.zeros_like(selected)
                     log.warning("episode %d: non-finite reward; update skipped, statistics unchanged", episode)
@@ -151,7 +155,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 nonfinite_streak = _nonfinite_streak(nonfinite_streak, finite, upd, cfg.max_nonfinite)
                 # 7. logging
                 metrics = episode_metrics(episode, traj, selected, threshold, upd, stats, finite, (t1 - t0, t2 - t1),
-                                          _tokens_read(traj, selected, upd), peak_memory_bytes=peak_memory_bytes(device),
+                                          _tokens_read(traj, selected, upd), advantage,
+                                          peak_memory_bytes=peak_memory_bytes(device),
                                           rollout_chunk=sizes.rollout_chunk, micro_batch=sizes.micro_batch,
                                           oom_events=sizes.oom_events)
                 if heldout is not None and (episode % cfg.eval_every == 0 or episode == cfg.num_episodes):

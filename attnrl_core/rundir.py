@@ -9,8 +9,8 @@
   eval/               episode-N.json and .png from `evaluate`
 
 Notebooks, the evaluation and the figures read runs through this module, never through the loop.
-Imports attnrl_core.config, .checkpoint, .diagnostics and .files (the trajectory and update types for
-hints only).
+Imports attnrl_core.config, .checkpoint, .diagnostics and .files (the trajectory, statistics and update
+types for hints only).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from .files import atomic_write_text, read_jsonl
 
 if TYPE_CHECKING:
     from .rollout import Trajectory
-    from .training import RunningStats, UpdateResult
+    from .filtering import RunningStats
+    from .training import UpdateResult
 
 METRICS = {
     "episode": "episode number, from 1",
@@ -38,8 +39,17 @@ METRICS = {
     "reward_std": "standard deviation of trajectory rewards in the batch",
     "policy_logprob": "mean value log-prob under the policy",
     "base_logprob": "mean value log-prob under the base model after its counterfactual query",
+    "adapter_reward": "part of the reward the adapter alone adds: policy minus base model value log-prob, both after "
+                      "the policy's query (reward = adapter_reward + query_reward)",
+    "query_reward": "part of the reward the query adds: base model value log-prob after the policy's query minus after "
+                    "the counterfactual query",
     "threshold": "selection threshold (running mean + filter_num_sd * running SD before the batch); null in warm-up",
     "selected": "trajectories selected for the update",
+    "selected_negative": "selected trajectories whose loss factor (reward, less any reward_baseline) is negative: "
+                         "their queries are made less likely",
+    "advantage": "mean loss factor R of the selected trajectories (the reward less any reward_baseline; null when "
+                 "nothing was selected)",
+    "value_nll": "mean value NLL of the selected trajectories in the update (only with value_nll_weight > 0)",
     "filter_fraction": "selected / generation_batch_size",
     "loss": "mean update loss per selected trajectory (null when nothing was selected)",
     "policy_loss": "mean REINFORCE term per selected trajectory (null when nothing was selected)",
@@ -70,18 +80,24 @@ METRICS = {
 
 def episode_metrics(episode: int, traj: "Trajectory", selected: torch.Tensor, threshold: float | None,
                     upd: "UpdateResult | None", stats: "RunningStats", finite: bool, seconds: tuple[float, float],
-                    tokens: int, **extra) -> dict:
+                    tokens: int, advantage: torch.Tensor, **extra) -> dict:
     """One line of metrics.jsonl, every key of METRICS. `seconds` is (rollout, update); `tokens` what the
-    model read in both; `extra` holds the run's own fields (memory, fallback sizes, evaluation)."""
+    model read in both; `advantage` [B] the loss's factor R; `extra` holds the run's own fields (memory,
+    fallback sizes, evaluation)."""
     rewards = traj.avg_reward.float()
     n_sel = int(selected.sum())
+    chosen = advantage.float().cpu()[selected.cpu()]
     rollout_s, update_s = seconds
     row = {
         "episode": episode, "reward": rewards.mean().item() if finite else None,
         "reward_std": rewards.std(unbiased=False).item() if finite else None,
         "policy_logprob": traj.policy_logprob.float().mean().item(),
         "base_logprob": traj.base_logprob.float().mean().item(),
+        "adapter_reward": traj.adapter_reward.float().mean().item(),
+        "query_reward": traj.query_reward.float().mean().item(),
         "threshold": threshold, "selected": n_sel, "filter_fraction": n_sel / traj.batch_size,
+        "selected_negative": int((chosen < 0).sum()), "advantage": chosen.mean().item() if n_sel else None,
+        "value_nll": upd.value_nll if upd else None,
         "loss": upd.loss if upd else None, "policy_loss": upd.policy_loss if upd else None,
         "kl": upd.kl if upd else None, "grad_norm": upd.grad_norm if upd else None,
         "optimizer_steps": upd.optimizer_steps if upd else 0,

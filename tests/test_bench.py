@@ -1,5 +1,8 @@
 """The benchmark's two paths do the same work: same pairs and rewards on a tiny model (no timings)."""
 
+import os
+
+import pytest
 import torch
 
 from attnrl_core.bench import _naive_similarity, naive_rollout
@@ -41,3 +44,16 @@ def test_keep_freed_memory_applies_on_a_linux_cpu_only():
     linux_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory(torch.device("cpu")) == linux_glibc
     assert not keep_freed_memory(torch.device("cuda"))  # GPU runs leave the host allocator alone
+
+
+@pytest.mark.skipif(not os.environ.get("ATTNRL_SLOW_TESTS"),
+                    reason="opt-in (ATTNRL_SLOW_TESTS=1): builds a 3B-parameter model, 6 GiB in bf16, on the CPU")
+def test_llama_3b_shape_preset_runs_on_the_cpu_at_a_tiny_size():
+    """The GPU preset's shapes and dtype, at batch 2 and one step: a shape or dtype error shows without a GPU."""
+    from attnrl_core.bench import run_benchmark
+
+    result = run_benchmark("llama-3.2-3b-shape", skip_naive=True, generation_batch_size=2, training_batch_size=2,
+                           num_kv_pairs=4, device="cpu", dtype="bfloat16")
+    assert result["batch_size"] == 2 and result["steps"] == 1
+    assert 3.0e9 < result["params"] < 3.3e9
+    assert result["rollout_seconds"] > 0 and result["update_seconds"] > 0

@@ -153,11 +153,15 @@ def test_built_context_round_trips(smol_tokenizer):
     assert smol_tokenizer(QUERY_SEPARATOR, add_special_tokens=False)["input_ids"] == ctx[0, 1:3].tolist()
 
 
-def test_unshuffled_stream_resumes_from_datasets_state():
-    """A Hub-style (unshuffled) stream — here a local folder read by the Hub path — resumes from
-    `datasets`' own state at the shard offset, not by skipping."""
+def test_unshuffled_stream_resumes_from_datasets_state(monkeypatch):
+    """A Hub-style (unshuffled) stream — here a local folder read by the Hub path, which a local corpus
+    would not take (it is reshuffled every pass) — resumes from `datasets`' own state at the shard offset,
+    not by skipping."""
     from pathlib import Path
 
+    import attnrl_core.corpus as corpus
+
+    monkeypatch.setattr(corpus, "is_local_corpus", lambda cfg: False)
     cfg = TrainConfig.from_preset("embedded", dataset_name=str(Path(embedded_dataset_file()).parent))
     position = DataPosition()
     stream = iter_wikipedia_articles(cfg, position=position)

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from attnrl_core.model import adapter_parameters, head_geometry
 from attnrl_core.rollout import rollout
-from attnrl_core.training import make_optimizer
-from attnrl_core.training import (RunningStats, kl_penalty, load_values, query_logits, read_length, reinforce_loss,
-                                  select_trajectories, selection_threshold, update_policy)
+from attnrl_core.filtering import RunningStats, select_trajectories, selection_threshold
+from attnrl_core.loss import kl_penalty, reinforce_loss
+from attnrl_core.training import load_values, make_optimizer, query_logits, read_length, update_policy
 
 from .conftest import SEP, make_batch, tiny_config
 

@@ -1,0 +1,88 @@
+"""The update's loss: SPEC.md §3.1.5 as settled by DESIGN.md §2.7, and the research levers' terms.
+
+Per selected trajectory, with R its reward (less a baseline, `advantages`):
+    loss = -R * sum_{steps, query tokens} log pi(token | state)  [+ log p(chosen pair | query), choice_in_loss]
+           + beta * sum_{steps, query tokens} KL(reference(.|state) || pi(.|state))
+           [+ value_nll_weight * mean NLL of the chosen values]
+averaged over trajectories. Pure functions of tensors; imports nothing from attnrl_core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def advantages(rewards: torch.Tensor, baseline: str, running_mean: float | None = None,
+               per_article: int = 1) -> torch.Tensor:
+    """The factor R of the REINFORCE term [B]: the raw reward (SPEC's "none"), minus the running mean of the
+    rewards before this batch ("running_mean"; 0 while there are none), or minus the mean of the other
+    `per_article` - 1 trajectories of the same article ("leave_one_out"; rows of an article are consecutive)."""
+    if baseline == "none":
+        return rewards
+    if baseline == "running_mean":
+        return rewards - (running_mean or 0.0)
+    if baseline == "leave_one_out":
+        K = per_article
+        assert K >= 2 and rewards.shape[0] % K == 0, (rewards.shape, K)
+        group = rewards.view(-1, K)
+        return (group - (group.sum(dim=1, keepdim=True) - group) / (K - 1)).reshape(-1)
+    raise ValueError(f"reward_baseline {baseline!r} is unknown: use none, running_mean or leave_one_out")
+
+
+# -- the loss --------------------------------------------------------------------------------------
+def kl_penalty(current_logits: torch.Tensor, previous_logits: torch.Tensor) -> torch.Tensor:
+    """KL(previous || current) summed over the vocabulary: [..., V] -> [...]."""
+    return _kl(F.log_softmax(current_logits.float(), dim=-1), F.log_softmax(previous_logits.float(), dim=-1))
+
+
+def _kl(current_logp: torch.Tensor, previous_logp: torch.Tensor) -> torch.Tensor:
+    """KL(previous || current) from log-probabilities [..., V] -> [...].
+
+    `F.kl_div(input, target, log_target=True)` computes sum target.exp() * (target - input), i.e.
+    KL(target || input), so the current policy is the input and the previous one the target.
+    """
+    return F.kl_div(current_logp, previous_logp, reduction="none", log_target=True).sum(dim=-1)
+
+
+@dataclass
+class LossTerms:
+    loss: torch.Tensor
+    policy_loss: torch.Tensor
+    kl: torch.Tensor
+    value_nll: torch.Tensor | None = None
+
+
+def reinforce_loss(current_logits: torch.Tensor, previous_logits: torch.Tensor, tokens: torch.Tensor,
+                   rewards: torch.Tensor, beta: float, query_temperature: float = 1.0,
+                   choice_logprob: torch.Tensor | None = None) -> LossTerms:
+    """The update's loss on n trajectories: logits [n, M, V] at the M query positions, tokens [n, M], rewards [n].
+
+    The policy is the distribution queries were sampled from, softmax(logits / query_temperature);
+    `previous_logits` are the KL's reference. `choice_logprob` [n], when given, is each trajectory's
+    sum over steps of log p(chosen pair | query), added to its action log-prob (`choice_in_loss`).
+    """
+    n, M, _ = current_logits.shape
+    assert previous_logits.shape == current_logits.shape and tokens.shape == (n, M) and rewards.shape == (n,)
+    assert choice_logprob is None or choice_logprob.shape == (n,), choice_logprob.shape
+    current, previous = current_logits.float(), previous_logits.float()
+    if query_temperature != 1.0:  # at 1 the division would only copy two [n, M, V] tensors
+        current, previous = current / query_temperature, previous / query_temperature
+    current_logp = F.log_softmax(current, dim=-1)  # one [n, M, V] log-softmax serves both terms
+    logp = current_logp.gather(-1, tokens[..., None]).squeeze(-1).sum(dim=1)  # [n]
+    if choice_logprob is not None:
+        logp = logp + choice_logprob
+    policy_loss = -(rewards * logp).mean()
+    kl = _kl(current_logp, F.log_softmax(previous, dim=-1)).sum(dim=1).mean()
+    return LossTerms(policy_loss + beta * kl, policy_loss, kl)
+
+
+def value_nll(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood [n] of value tokens [n, P*Tv] under logits [n, P*Tv, V] predicting them."""
+    logits = logits.float()
+    logp = logits.gather(-1, values[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return -logp.mean(dim=1)
+
+

@@ -1,0 +1,240 @@
+"""The research levers (TrainConfig fields whose defaults are SPEC's) and the overfit check's pieces:
+the sign of the update, the reward's split into adapter and query parts, each lever on a tiny model."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from attnrl_core.config import TrainConfig
+from attnrl_core.data import iter_key_value_batches, iter_pair_batches
+from attnrl_core.diagnostics import learning_figure
+from attnrl_core.embeddings import choice_logprob, extract_embeddings, key_embedding_fn, query_embeddings
+from attnrl_core.loss import advantages
+from attnrl_core.model import attach_adapter, attention_layer, base_model
+from attnrl_core.rollout import rollout
+from attnrl_core.training import make_optimizer, query_logits, update_policy, value_nll
+
+from .conftest import SEP, make_batch, tiny_config, tiny_llama
+
+
+def _rollout(model, cfg, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return rollout(model, make_batch(model, cfg, seed), SEP, _geo(model), tokens_per_query=cfg.tokens_per_query,
+                   **kwargs)
+
+
+def _geo(model):
+    from attnrl_core.model import head_geometry
+
+    return head_geometry(model)
+
+
+def _query_logprob(model, traj, row: int) -> float:
+    """Summed log-prob of trajectory `row`'s query tokens under the model now (teacher-forced)."""
+    with torch.no_grad():
+        logits = query_logits(model, traj.tokens[row:row + 1].clone(), traj.query_positions)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        return float(logp.gather(-1, traj.query_tokens[row:row + 1, :, None].clone()).sum())
+
+
+# -- the sign of the update ------------------------------------------------------------------------------
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_a_rewarded_query_becomes_more_likely_and_a_penalised_one_less(sign):
+    """REINFORCE's direction: R > 0 raises the trajectory's query log-prob, R < 0 lowers it (fails if the
+    loss's sign were flipped)."""
+    cfg = tiny_config(learning_rate=1e-2)
+    model = attach_adapter(tiny_llama(), cfg)
+    traj = _rollout(model, cfg)
+    before = _query_logprob(model, traj, 0)
+    selected = torch.tensor([True, False, False, False])
+    rewards = torch.tensor([sign, 0.0, 0.0, 0.0])
+    optimizer = make_optimizer(model, cfg)
+    for _ in range(3):  # the first step of a zero-initialised LoRA B moves little
+        update_policy(model, optimizer, traj, selected, training_batch_size=1, beta=0.0, rewards=rewards)
+    after = _query_logprob(model, traj, 0)
+    assert (after - before) * sign > 0.05, (before, after)
+
+
+# -- the reward's split --------------------------------------------------------------------------------
+def test_reward_splits_into_adapter_and_query_parts(policy):
+    cfg = tiny_config()
+    traj = _rollout(policy, cfg)
+    torch.testing.assert_close(traj.adapter_reward + traj.query_reward, traj.rewards, rtol=0, atol=1e-5)
+    fresh = attach_adapter(tiny_llama(), cfg)  # LoRA B = 0: the adapter adds nothing
+    assert _rollout(fresh, cfg).adapter_reward.abs().max() < 1e-5
+    assert traj.adapter_reward.abs().max() > 1e-3  # a trained adapter does
+
+
+def test_base_same_logprob_is_the_base_model_after_the_policys_query(policy):
+    """The split's middle term, re-derived by teacher forcing the policy's final sequence with the adapter off."""
+    cfg = tiny_config()
+    traj = _rollout(policy, cfg)
+    with torch.no_grad(), base_model(policy):
+        logits = query_logits(policy, traj.tokens.clone(), traj.value_positions).float()
+    values = traj.tokens[:, traj.value_positions]
+    logp = logits.log_softmax(-1).gather(-1, values[..., None]).squeeze(-1)
+    expected = logp.view(traj.batch_size, traj.num_steps, -1).mean(dim=2)
+    torch.testing.assert_close(traj.base_same_logprob, expected, rtol=0, atol=1e-4)
+
+
+# -- similarity_layer -------------------------------------------------------------------------------------
+def test_similarity_layer_embeds_with_that_layers_projections(policy):
+    ids = torch.randint(10, 300, (3, 4))
+    for layer in (0, -1):
+        expected = extract_embeddings(policy, ids, attention_layer(policy, layer).q_proj)
+        torch.testing.assert_close(query_embeddings(policy, ids, layer), expected)
+    assert not torch.allclose(query_embeddings(policy, ids, 0), query_embeddings(policy, ids, -1))
+    with pytest.raises(ValueError, match="similarity_layer=5 is outside the model's 2 layers"):
+        attention_layer(policy, 5)
+
+
+def test_rollout_at_another_similarity_layer_uses_its_keys(policy):
+    cfg = tiny_config()
+    batch = make_batch(policy, cfg)
+    batch.key_embeddings = key_embedding_fn(policy, torch.device("cpu"), layer=0)(
+        batch.key_tokens.flatten(0, 1)).view(*batch.key_tokens.shape[:2], -1)
+    geo = _geo(policy)
+    torch.manual_seed(0)
+    first = rollout(policy, batch, SEP, geo, tokens_per_query=cfg.tokens_per_query, similarity_layer=0)
+    q = query_embeddings(policy, first.queries[:, 0], 0)
+    from attnrl_core.embeddings import compute_similarity
+
+    available = first.available[:, 0]
+    expected = compute_similarity(q, batch.key_embeddings, geo.num_query_heads, geo.num_kv_heads, 1.0, available)
+    torch.testing.assert_close(first.probabilities[:, 0], expected, rtol=0, atol=1e-6)
+
+
+# -- choice_in_loss ------------------------------------------------------------------------------------
+def test_choice_logprob_is_the_rollouts_probability_and_has_a_gradient(policy):
+    cfg = tiny_config()
+    traj = _rollout(policy, cfg, similarity_temperature=3.0)
+    keys = traj.batch.key_embeddings.clone()
+    logp = choice_logprob(policy, traj.queries.clone(), keys, traj.available.clone(), traj.choices.clone(), 3.0)
+    torch.testing.assert_close(logp, traj.choice_probs.log(), rtol=0, atol=1e-5)
+    logp.sum().backward()
+    q_lora = [p for n, p in policy.named_parameters() if "layers.1.self_attn.q_proj.lora" in n]
+    assert q_lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in q_lora)
+
+
+def test_choice_in_loss_changes_the_update_only_through_the_choice():
+    cfg = tiny_config(learning_rate=1e-2)
+    results = {}
+    for flag in (False, True):
+        model = attach_adapter(tiny_llama(), cfg)
+        from .conftest import randomize_adapter
+
+        randomize_adapter(model)
+        traj = _rollout(model, cfg, similarity_temperature=3.0)
+        upd = update_policy(model, make_optimizer(model, cfg), traj, torch.ones(4, dtype=torch.bool),
+                            training_batch_size=4, beta=0.0, choice_in_loss=flag, similarity_temperature=3.0)
+        results[flag] = upd.policy_loss, -(traj.avg_reward * traj.choice_probs.log().sum(1)).mean().item()
+    assert results[True][0] == pytest.approx(results[False][0] + results[True][1], rel=1e-4, abs=1e-5)
+
+
+# -- value_nll_weight -----------------------------------------------------------------------------------
+def test_value_nll_is_the_rollouts_policy_logprob_and_it_learns_the_values(policy):
+    cfg = tiny_config(learning_rate=2e-2)
+    traj = _rollout(policy, cfg)
+    with torch.no_grad():
+        logits = query_logits(policy, traj.tokens.clone(), traj.value_positions)
+    nll = value_nll(logits, traj.tokens[:, traj.value_positions].clone())
+    torch.testing.assert_close(nll, -traj.policy_logprob.mean(dim=1), rtol=0, atol=1e-4)
+    optimizer = make_optimizer(policy, cfg)
+    everything = torch.ones(4, dtype=torch.bool)
+    first = update_policy(policy, optimizer, traj, everything, training_batch_size=4, beta=0.0,
+                          rewards=torch.zeros(4), value_nll_weight=1.0)  # one step: measured before it
+    for _ in range(4):
+        last = update_policy(policy, optimizer, traj, everything, training_batch_size=4, beta=0.0,
+                             rewards=torch.zeros(4), value_nll_weight=1.0)
+    assert first.value_nll == pytest.approx(float(nll.mean()), abs=1e-4)
+    assert last.value_nll < first.value_nll - 0.05
+    spec = update_policy(policy, optimizer, traj, everything, training_batch_size=2)
+    assert spec.value_nll is None  # off by default: SPEC's loss
+
+
+# -- kl_reference ----------------------------------------------------------------------------------------
+def test_kl_to_the_base_model_is_zero_for_a_zero_adapter_and_grows_with_it():
+    cfg = tiny_config()
+    model = attach_adapter(tiny_llama(), cfg)
+    traj = _rollout(model, cfg)
+    everything = torch.ones(4, dtype=torch.bool)
+    upd = update_policy(model, make_optimizer(model, cfg), traj, everything, training_batch_size=4,
+                        kl_reference="base")
+    assert upd.kl < 1e-8
+    from .conftest import randomize_adapter
+
+    randomize_adapter(model)  # the policy now differs from the base model, and from the batch's policy
+    base = update_policy(model, make_optimizer(model, cfg), traj, everything, training_batch_size=4,
+                         kl_reference="base")
+    assert base.kl > 1e-3
+    with torch.no_grad(), base_model(model):
+        ref = query_logits(model, traj.tokens.clone(), traj.query_positions)
+    previous = traj.query_logits  # rolled out with a zero adapter: the base model too
+    torch.testing.assert_close(ref, previous, rtol=0, atol=1e-4)
+
+
+# -- reward_baseline and trajectories_per_article ---------------------------------------------------------
+def test_advantages_subtract_the_chosen_baseline():
+    r = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    assert advantages(r, "none").tolist() == r.tolist()
+    assert advantages(r, "running_mean", 1.5).tolist() == [-0.5, 0.5, 1.5, 4.5]
+    assert advantages(r, "running_mean", None).tolist() == r.tolist()
+    # K = 2: each row minus its partner; K = 4: minus the mean of the other three
+    assert advantages(r, "leave_one_out", per_article=2).tolist() == [-1.0, 1.0, -3.0, 3.0]
+    torch.testing.assert_close(advantages(r, "leave_one_out", per_article=4),
+                               torch.tensor([1 - 11 / 3, 2 - 10 / 3, 3 - 3.0, 6 - 2.0]))
+
+
+def test_trajectories_per_article_repeats_each_article_with_one_pool(smol_tokenizer):
+    cfg = TrainConfig.from_preset("embedded", generation_batch_size=8, trajectories_per_article=4,
+                                  reward_baseline="leave_one_out")
+    batch = next(iter_key_value_batches(cfg, smol_tokenizer, None))
+    assert batch.article_ids[:4] == [batch.article_ids[0]] * 4 and batch.article_ids[4] != batch.article_ids[0]
+    assert torch.equal(batch.pool[0], batch.pool[3]) and torch.equal(batch.key_tokens[0], batch.key_tokens[3])
+    assert batch.position.index >= 2  # two articles consumed, not eight
+    single = next(iter_pair_batches([({"id": "a", "title": "a"}, torch.arange(cfg.min_article_tokens))] * 8, cfg, 8))
+    assert single.batch_size == 8  # evaluation's batches are unaffected (per_article defaults to 1)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(reward_baseline="leave_one_out"), "trajectories_per_article"),
+    (dict(trajectories_per_article=3), "a divisor of generation_batch_size"),
+    (dict(kl_reference="ref"), "kl_reference"),
+    (dict(choice_in_loss=2), "choice_in_loss"),
+    (dict(value_nll_weight=-1.0), "value_nll_weight"),
+    (dict(max_train_articles=-1), "max_train_articles"),
+])
+def test_bad_lever_values_are_one_line_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.from_preset("embedded", **bad)
+
+
+def test_lever_defaults_are_specs():
+    cfg = TrainConfig()
+    assert (cfg.similarity_layer, cfg.choice_in_loss, cfg.value_nll_weight, cfg.kl_reference, cfg.reward_baseline,
+            cfg.trajectories_per_article, cfg.max_train_articles) == (-1, 0, 0.0, "previous", "none", 1, 0)
+
+
+# -- the overfit check ------------------------------------------------------------------------------------
+def test_max_train_articles_cycles_the_first_n_and_resumes_in_the_cycle(smol_tokenizer):
+    cfg = TrainConfig.from_preset("embedded", generation_batch_size=3, training_batch_size=1, max_train_articles=4)
+    batches = list(itertools.islice(iter_key_value_batches(cfg, smol_tokenizer, None), 4))
+    ids = [i for b in batches for i in b.article_ids]
+    assert len(set(ids)) == 4 and ids[4:8] == ids[:4] and ids[8:12] == ids[:4]
+    resumed = next(iter_key_value_batches(cfg, smol_tokenizer, None, start=batches[1].position))
+    assert resumed.article_ids == batches[2].article_ids
+    with pytest.raises(ValueError, match="max_train_articles=100000"):
+        next(iter_key_value_batches(cfg.replace(max_train_articles=100_000), smol_tokenizer, None))
+
+
+def test_learning_figure_compares_the_first_and_last_windows():
+    rising = [0.0, 0.1] * 10 + [1.0, 1.1] * 10
+    fig = learning_figure(rising, window=20)
+    assert fig["difference"] == pytest.approx(1.0) and fig["z"] > 2
+    assert learning_figure(rising[::-1], window=20)["z"] < -2
+    assert learning_figure([None] + rising[1:], window=20)["first_mean"] == pytest.approx(0.1 * 10 / 19)
+    with pytest.raises(ValueError, match="too few"):
+        learning_figure(rising[:30], window=20)
