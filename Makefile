@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-v2
 RUN    ?= runs/embedded-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup train test test-unit test-notebooks clean-venv
+.PHONY: setup train test experiment learning-check clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,17 @@ setup: $(STAMP)
 
 train: setup
 	$(PY) -m attnrl_core train --preset embedded --output_dir $(RUN)
+
+# The first multi-seed experiment (EXPERIMENTS.md): 3 seeds x 2 arms, about an hour on 2 cores; reruns skip
+# finished seeds. The overfit check: 150 episodes on 8 articles, then its figure.
+experiment: setup
+	$(PY) -m attnrl_core experiment experiments/first.yaml
+
+OVERFIT ?= runs/overfit-$(shell date +%Y%m%d-%H%M%S)
+learning-check: setup
+	$(PY) -m attnrl_core train --preset embedded --max_train_articles 8 --num_episodes 150 --checkpoint_every 50 \
+		--output_dir $(OVERFIT) $(FLAGS)
+	$(PY) -m attnrl_core learning_check --run_dir $(OVERFIT)
 
 test: setup
 	$(PY) -m pytest -q tests --nbmake notebooks

@@ -2,8 +2,8 @@
 
 Bad input ends with one line naming the problem and the fix, exit code 2, and nothing written. Each
 command imports its module when it runs, so `--help` and a refused flag answer without loading torch.
-Imports attnrl_core.config (and, per command, .run, .assets, .evaluate, .diagnostics, .rundir, .bench or
-.doctor).
+Imports attnrl_core.config (and, per command, .run, .assets, .evaluate, .diagnostics, .rundir, .experiment,
+.bench or .doctor).
 """
 
 from __future__ import annotations
@@ -77,6 +77,14 @@ def _cmd_learning_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiment import format_summary, run_experiment
+
+    summary = run_experiment(args.file, args.output_dir, args.parallel)
+    print(format_summary(summary))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import main_bench
 
@@ -142,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--window", type=_positive, default=20, help="episodes in each of the two windows")
     check.add_argument("--json", action="store_true", help="print the figure as one JSON object on the last line")
     check.set_defaults(func=_cmd_learning_check)
+    exp = sub.add_parser("experiment", help="train and evaluate arms x seeds from an experiment file, then aggregate",
+                         description="Runs every (arm, seed) of a YAML experiment file (see experiments/), skipping "
+                                     "finished runs and resuming interrupted ones, evaluates each final checkpoint "
+                                     "and writes summary.json and experiment.png.")
+    exp.add_argument("file", help="experiment file, e.g. experiments/first.yaml")
+    exp.add_argument("--output_dir", default=None, help="where the runs go (default: runs/experiments/NAME)")
+    exp.add_argument("--parallel", type=_positive, default=2, help="runs trained at once (each a process)")
+    exp.set_defaults(func=_cmd_experiment)
     bench = sub.add_parser("bench", help="measure rollout/update throughput against a naive path and the hardware")
     bench.add_argument("--preset", choices=["embedded", "llama-3.2-3b-shape"], default="embedded",
                        help="embedded: SmolLM2-135M on CPU; llama-3.2-3b-shape: random 3B weights (for a GPU)")

@@ -251,3 +251,4 @@ def plot_evaluation(report: dict):
     fig.suptitle(f"{report['checkpoint']} on {report['units']} held-out units x {report['samples_per_article']} samples")
     fig.tight_layout()
     return fig
+
