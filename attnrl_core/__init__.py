@@ -10,6 +10,7 @@ Modules, lowest first (each imports only modules above it):
   data        articles -> token tensors -> key/value batches
   model       base model + LoRA adapter, head geometry, adapter on/off
   embeddings  query/key embeddings and the GQA-aware similarity
+  trajectory  a batch of trajectories as [B, P] tensors and its derived views
   rollout     batched trajectories (policy and base model in one batch) and rewards
   accounting  tokens and FLOPs of a rollout and an update, from shapes
   diagnostics selection diagnostics, paired statistics, the learning check's figure (pure)
@@ -23,7 +24,9 @@ Modules, lowest first (each imports only modules above it):
   viz         figures
   evaluate    held-out comparison with baselines
   run         the training loop
-  bench       throughput against a naive path and the hardware
+  experiment  arms x seeds of runs, evaluated and aggregated
+  naive       the naive reference path (SPEC read plainly) the cached rollout is checked against
+  bench       throughput against the naive path and the hardware
   doctor      environment checks
   __main__    the command line
 """

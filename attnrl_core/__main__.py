@@ -9,13 +9,42 @@ Imports attnrl_core.config (and, per command, .run, .assets, .evaluate, .diagnos
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
-from .config import TrainConfig, add_config_arguments, config_from_args
+from .config import TrainConfig
+
+
+# -- TrainConfig as flags -------------------------------------------------------------------------------
+def _parse_value(f: dataclasses.Field, text: str) -> Any:
+    kind = {"int": int, "float": float, "str": str}[f.type]
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"--{f.name} {text!r} is invalid: must be of type {f.type}") from None
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One `--field value` flag per TrainConfig field, its help from the field's metadata."""
+    parser.add_argument("--config", help="JSON or YAML file of field values (flags override it)")
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        parser.add_argument(f"--{f.name}", default=None, metavar=f.type.upper(),
+                            help=f"{f.metadata['help']} (default: {getattr(defaults, f.name)!r}; presets may change it)")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    given = {f.name: _parse_value(f, getattr(args, f.name)) for f in fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    if getattr(args, "config", None):
+        return TrainConfig.from_file(args.config, **given)
+    return TrainConfig.from_preset(given.pop("preset", "llama-3.2-3b"), **given)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ benchmark's FLOP rates, so neither the rollout nor the update has to count as it
 estimate is the dense-transformer one: 2N per token read forward (N = non-embedding parameters),
 2VH per position where the LM head runs; backward to the activations doubles both (the frozen
 base model needs no weight gradients). Attention scores are not counted.
-Imports attnrl_core.rollout for its type only.
+Imports attnrl_core.trajectory for its type only.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from .rollout import Trajectory
+    from .trajectory import Trajectory
 
 
 class Work(NamedTuple):

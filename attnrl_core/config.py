@@ -1,14 +1,13 @@
 """The single source of parameters: `TrainConfig`, its presets, and its command-line form.
 
 Every SPEC.md parameter is a field with its default and a help string; the help strings make
-`python -m attnrl_core train --help`, notebooks' `parameters` cells mirror the field names, and a run
+`python -m attnrl_core train --help` (the command line's flags are built in `__main__`), notebooks' `parameters` cells mirror the field names, and a run
 directory's `config.json` is `TrainConfig.to_dict()`. Imports attnrl_core.tracking only (to check
 `report_to` without importing any tracker).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -235,29 +234,3 @@ PRESETS: dict[str, dict[str, Any]] = {
         "output_dir": "runs/embedded",
     },
 }
-
-
-# -- command line -------------------------------------------------------------------------------
-def _parse_value(f: dataclasses.Field, text: str) -> Any:
-    kind = {"int": int, "float": float, "str": str}[f.type]
-    try:
-        return kind(text)
-    except ValueError:
-        raise ValueError(f"--{f.name} {text!r} is invalid: must be of type {f.type}") from None
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One `--field value` flag per TrainConfig field, its help from the field's metadata."""
-    parser.add_argument("--config", help="JSON or YAML file of field values (flags override it)")
-    defaults = TrainConfig()
-    for f in fields(TrainConfig):
-        parser.add_argument(f"--{f.name}", default=None, metavar=f.type.upper(),
-                            help=f"{f.metadata['help']} (default: {getattr(defaults, f.name)!r}; presets may change it)")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    given = {f.name: _parse_value(f, getattr(args, f.name)) for f in fields(TrainConfig)
-             if getattr(args, f.name, None) is not None}
-    if getattr(args, "config", None):
-        return TrainConfig.from_file(args.config, **given)
-    return TrainConfig.from_preset(given.pop("preset", "llama-3.2-3b"), **given)

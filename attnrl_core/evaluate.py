@@ -16,7 +16,7 @@ log-prob) with 95% bootstrap intervals over units, and the oracle: at every step
 pair left is scored, so `oracle.fraction` = sum(chosen - mean) / sum(best - mean) over units is the
 share of the available selection gain the trained policy captures (0 = random, 1 = the oracle).
 Imports attnrl_core.checkpoint, .config, .data, .diagnostics, .embeddings, .files, .host, .model,
-.rollout, .rundir, .training and .viz.
+.rollout, .rundir, .training, .trajectory and .viz.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from .embeddings import key_embedding_fn
 from .files import atomic_write_text
 from .host import keep_freed_memory, share_cpu, sharing_cpu
 from .model import adapter_parameters, head_geometry, load_policy, resolve_device
-from .rollout import Trajectory, rollout, rollout_options
+from .rollout import rollout, rollout_options
+from .trajectory import Trajectory
 from .rundir import load_run
 from .training import swapped_parameters
 from .viz import plot_evaluation

@@ -5,7 +5,7 @@
 - Update OOM: restore the adapter and optimizer to the phase's start, halve the micro-batch and
   double gradient accumulation (same effective batch), and redo the phase.
 - Below size 1 there is nothing left to halve: stop with a message that says so.
-Imports attnrl_core.host, .model, .rollout and .training.
+Imports attnrl_core.host, .model, .rollout, .trajectory and .training.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 
 from .host import free_memory
 from .model import adapter_parameters
-from .rollout import Trajectory, rollout
+from .rollout import rollout
+from .trajectory import Trajectory
 from .training import UpdateResult, load_values, update_policy
 
 log = logging.getLogger("attnrl")

@@ -29,7 +29,7 @@ from .diagnostics import key_cosine, query_distinct, selection_entropy, selectio
 from .files import atomic_write_text, read_jsonl
 
 if TYPE_CHECKING:
-    from .rollout import Trajectory
+    from .trajectory import Trajectory
     from .filtering import RunningStats
     from .training import UpdateResult
 

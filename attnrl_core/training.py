@@ -11,7 +11,7 @@ NLL of the chosen values, predicted in the same pass; `kl_reference="base"` meas
 the adapter-disabled base model; the loss's R is `loss.advantages` of the reward.
 
 `update_policy` is the thin stateful shell around the pure loss, and `make_optimizer` builds the
-8-bit Adam it steps. Imports attnrl_core.config, .embeddings, .loss, .model and .rollout.
+8-bit Adam it steps. Imports attnrl_core.config, .embeddings, .loss, .model and .trajectory.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from .config import TrainConfig
 from .embeddings import choice_logprob
 from .loss import reinforce_loss, value_nll
 from .model import adapter_parameters, base_model
-from .rollout import Trajectory
+from .trajectory import Trajectory
 
 
 # -- 5. the loss: the maths is in `loss`; here what needs the model ----------------------------------

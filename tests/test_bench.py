@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from attnrl_core.bench import _naive_similarity, naive_rollout
+from attnrl_core.naive import _naive_similarity, naive_rollout
 from attnrl_core.embeddings import compute_similarity
 from attnrl_core.model import head_geometry
 from attnrl_core.rollout import rollout
@@ -50,7 +50,7 @@ def test_keep_freed_memory_applies_on_a_linux_cpu_only():
                     reason="opt-in (ATTNRL_SLOW_TESTS=1): builds a 3B-parameter model, 6 GiB in bf16, on the CPU")
 def test_llama_3b_shape_preset_runs_on_the_cpu_at_a_tiny_size():
     """The GPU preset's shapes and dtype, at batch 2 and one step: a shape or dtype error shows without a GPU."""
-    from attnrl_core.bench import run_benchmark
+    from attnrl_core.naive import run_benchmark
 
     result = run_benchmark("llama-3.2-3b-shape", skip_naive=True, generation_batch_size=2, training_batch_size=2,
                            num_kv_pairs=4, device="cpu", dtype="bfloat16")

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from attnrl_core.__main__ import build_parser
-from attnrl_core.config import EMBEDDED_MODEL, PRESETS, TrainConfig, config_from_args
+from attnrl_core.__main__ import config_from_args
+from attnrl_core.config import EMBEDDED_MODEL, PRESETS, TrainConfig
 
 
 def test_defaults_follow_spec():

@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from attnrl_core.bench import _naive_value_logprob  # mean log-prob of the last Tv tokens, re-encoding all
+from attnrl_core.naive import _naive_value_logprob  # mean log-prob of the last Tv tokens, re-encoding all
 from attnrl_core.model import GQA_SDPA, base_model, head_geometry
 from attnrl_core.decoding import BufferedCache, sample_from_logits
 from attnrl_core.rollout import calculate_reward, initial_context, rollout

@@ -1,0 +1,117 @@
+"""A batch of trajectories held as tensors (SPEC.md §4.4's `Trajectory` and `TrajectoryStep`, batched),
+and the views derived from it: positions of queries and values in the final context, the pairs
+available at each step, the reward's split into adapter and query parts. Built by `rollout`; read by
+the update, the run directory, the evaluation and the accounting. Imports attnrl_core.data only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .data import KeyValueBatch
+
+
+@dataclass
+class Trajectory:
+    """B trajectories of P steps rolled out together, held as tensors (SPEC.md §4.4's `Trajectory` and
+    `TrajectoryStep`, batched: row b of every tensor is one trajectory, column t one step)."""
+
+    tokens: torch.Tensor  # [B, L] final context: every query sits at the exact state it was sampled in
+    queries: torch.Tensor  # [B, P, Tq] the policy's queries
+    counterfactuals: torch.Tensor  # [B, P, Tq] the base model's queries from the same contexts
+    choices: torch.Tensor  # [B, P] index of the chosen pair (1..N-1)
+    choice_probs: torch.Tensor  # [B, P] its probability under the similarity distribution
+    probabilities: torch.Tensor  # [B, P, N] the distributions (0 for pairs not available)
+    policy_logprob: torch.Tensor  # [B, P] mean log p_policy(value tokens)
+    base_logprob: torch.Tensor  # [B, P] mean log p_base(value tokens | counterfactual query)
+    rewards: torch.Tensor  # [B, P] calculate_reward: policy_logprob - base_logprob
+    base_same_logprob: torch.Tensor  # [B, P] mean log p_base(value tokens | the policy's own query and context)
+    initial_length: int  # L0: tokens of [BOS] ` Query:` key_0 ` Response:` value_0
+    step_length: int  # tokens appended per step: Sq + Tq + Sr + Tv
+    query_offset: int  # Sq: where a step's query starts within the step
+    batch: KeyValueBatch
+    query_logits: torch.Tensor | None = None  # [B, P*Tq, V] the policy's logits each query token was drawn from
+    candidate_rewards: torch.Tensor | None = None  # [B, P, N] the reward each pair left would have earned (oracle)
+
+    def __post_init__(self) -> None:
+        B, P, Tq = self.queries.shape
+        N = self.probabilities.shape[2]
+        assert self.tokens.shape == (B, self.initial_length + P * self.step_length), self.tokens.shape
+        assert self.counterfactuals.shape == (B, P, Tq), self.counterfactuals.shape
+        assert self.probabilities.shape == (B, P, N) and N == self.batch.key_tokens.shape[1], self.probabilities.shape
+        for name in ("choices", "choice_probs", "policy_logprob", "base_logprob", "rewards", "base_same_logprob"):
+            assert getattr(self, name).shape == (B, P), (name, getattr(self, name).shape)
+        if self.query_logits is not None:
+            assert self.query_logits.shape[:2] == (B, P * Tq), self.query_logits.shape
+        if self.candidate_rewards is not None:
+            assert self.candidate_rewards.shape == (B, P, N), self.candidate_rewards.shape
+
+    @classmethod
+    def concat(cls, parts: list["Trajectory"], batch: KeyValueBatch) -> "Trajectory":
+        """Join trajectories rolled out in row chunks of `batch` (all chunks have the same lengths)."""
+        first = parts[0]
+        tensors = {f: torch.cat([getattr(p, f) for p in parts]) for f in _ROW_FIELDS}
+        optional = {f: None if getattr(first, f) is None else torch.cat([getattr(p, f) for p in parts])
+                    for f in ("query_logits", "candidate_rewards")}
+        return cls(**tensors, initial_length=first.initial_length, step_length=first.step_length,
+                   query_offset=first.query_offset, batch=batch, **optional)
+
+    @property
+    def batch_size(self) -> int:
+        return self.queries.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.queries.shape[1]
+
+    @property
+    def avg_reward(self) -> torch.Tensor:  # [B]
+        return self.rewards.mean(dim=1)
+
+    @property
+    def adapter_reward(self) -> torch.Tensor:  # [B, P] what the adapter alone adds: policy vs base, same context
+        return self.policy_logprob - self.base_same_logprob
+
+    @property
+    def query_reward(self) -> torch.Tensor:  # [B, P] what the policy's query adds over the counterfactual, base model
+        return self.base_same_logprob - self.base_logprob
+
+    @property
+    def available(self) -> torch.Tensor:
+        """[B, P, N] bool: the pairs left to choose from at each step (the pool less earlier choices)."""
+        B, P, N = self.probabilities.shape
+        device = self.choices.device
+        in_pool = torch.zeros(B, N, dtype=torch.bool, device=device)
+        in_pool[torch.arange(B, device=device)[:, None], self.batch.pool.to(device)] = True
+        taken = F.one_hot(self.choices, N).bool().cumsum(dim=1) > 0  # [B, P, N]: chosen at or before step t
+        earlier = torch.cat([torch.zeros_like(taken[:, :1]), taken[:, :-1]], dim=1)
+        return in_pool[:, None, :] & ~earlier
+
+    @property
+    def value_positions(self) -> torch.Tensor:
+        """[P*Tv] positions of the chosen values in `tokens` (the same for every row)."""
+        P, Tv = self.num_steps, self.batch.value_tokens.shape[2]
+        starts = self.initial_length + self.step_length * (torch.arange(P) + 1) - Tv
+        return (starts[:, None] + torch.arange(Tv)[None, :]).reshape(-1)
+
+    @property
+    def query_positions(self) -> torch.Tensor:
+        """[P*Tq] positions of the query tokens in `tokens` (the same for every row)."""
+        P, Tq = self.queries.shape[1:]
+        starts = self.initial_length + self.step_length * torch.arange(P) + self.query_offset
+        return (starts[:, None] + torch.arange(Tq)[None, :]).reshape(-1)
+
+    @property
+    def query_tokens(self) -> torch.Tensor:  # [B, P*Tq], in the order of `query_positions`
+        return self.queries.flatten(1)
+
+    @property
+    def available_counts(self) -> torch.Tensor:  # [B, P] pairs to choose from at each step: P, P-1, .., 1
+        return torch.arange(self.num_steps, 0, -1, device=self.probabilities.device).expand(self.batch_size, -1)
+
+
+_ROW_FIELDS = ("tokens", "queries", "counterfactuals", "choices", "choice_probs", "probabilities", "policy_logprob",
+               "base_logprob", "rewards", "base_same_logprob")
