@@ -90,19 +90,28 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_learning_check(args: argparse.Namespace) -> int:
-    """The overfit check's figure from a run's metrics.jsonl: does the training reward rise?"""
+    """The overfit check's figure from each run's metrics.jsonl: does the training reward rise?"""
     from .diagnostics import learning_figure
     from .rundir import load_run
 
-    _, metrics, _ = load_run(args.run_dir)
-    fig = learning_figure([m["reward"] for m in metrics], args.window)
-    verdict = "rises clearly (z > 2)" if fig["z"] > 2 else "does not rise clearly (z <= 2)"
-    print(f"{args.run_dir}: {fig['episodes']} episodes; mean batch reward of the first {fig['window']} "
-          f"{fig['first_mean']:+.4f} ± {fig['first_se']:.4f}, of the last {fig['window']} {fig['last_mean']:+.4f} ± "
-          f"{fig['last_se']:.4f}; difference {fig['difference']:+.4f} ± {fig['se']:.4f}, z = {fig['z']:+.2f}: "
-          f"the reward {verdict}")
+    figures, curves = {}, {}
+    for run_dir in args.run_dir:
+        _, metrics, _ = load_run(run_dir)
+        fig = figures[run_dir] = learning_figure([m["reward"] for m in metrics], args.window)
+        curves[Path(run_dir).name] = {"runs": [{k: [m.get(k) for m in metrics] for k in
+                                                ("reward", "adapter_reward", "query_reward", "selection_entropy")}]}
+        verdict = "rises clearly (z > 2)" if fig["z"] > 2 else "does not rise clearly (z <= 2)"
+        print(f"{run_dir}: {fig['episodes']} episodes; mean batch reward of the first {fig['window']} "
+              f"{fig['first_mean']:+.4f} ± {fig['first_se']:.4f}, of the last {fig['window']} {fig['last_mean']:+.4f} "
+              f"± {fig['last_se']:.4f}; difference {fig['difference']:+.4f} ± {fig['se']:.4f}, z = {fig['z']:+.2f}: "
+              f"the reward {verdict}")
+    if args.figure:
+        from .experiment import plot_experiment
+
+        plot_experiment({"arms": curves}).savefig(args.figure, dpi=120, bbox_inches="tight")
+        print(f"written: {args.figure}")
     if args.json:
-        print(json.dumps(fig))
+        print(json.dumps(figures))
     return 0
 
 
@@ -175,9 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("learning_check", help="does a run's training reward rise? (first vs last episodes, z)",
                            description="The overfit check's figure: train with --max_train_articles 8 (see "
                                        "EXPERIMENTS.md), then compare the first and last episodes' mean batch reward.")
-    check.add_argument("--run_dir", required=True, help="run directory")
+    check.add_argument("--run_dir", required=True, nargs="+", help="run directories")
     check.add_argument("--window", type=_positive, default=20, help="episodes in each of the two windows")
-    check.add_argument("--json", action="store_true", help="print the figure as one JSON object on the last line")
+    check.add_argument("--figure", default=None, help="also plot the runs' reward curves (and its parts) to this PNG")
+    check.add_argument("--json", action="store_true", help="print {run_dir: figure} as one JSON object on the last line")
     check.set_defaults(func=_cmd_learning_check)
     exp = sub.add_parser("experiment", help="train and evaluate arms x seeds from an experiment file, then aggregate",
                          description="Runs every (arm, seed) of a YAML experiment file (see experiments/), skipping "

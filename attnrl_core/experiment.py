@@ -210,8 +210,10 @@ def plot_experiment(summary: dict, smooth: int = 10):
             curves = _smooth(curves, smooth)
             mean, sd = np.nanmean(curves, axis=0), np.nanstd(curves, axis=0)
             episodes = np.arange(1, curves.shape[1] + 1)
-            ax.plot(episodes, mean, label=f"{arm} ({len(a['runs'])} seeds)")
-            ax.fill_between(episodes, mean - sd, mean + sd, alpha=0.2)
+            runs = len(a["runs"])
+            ax.plot(episodes, mean, label=f"{arm} ({runs} seed{'s' if runs > 1 else ''})")
+            if runs > 1:
+                ax.fill_between(episodes, mean - sd, mean + sd, alpha=0.2)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("episode")
     axes[0].legend(fontsize=8)
