@@ -3,13 +3,16 @@
 Data flows one way: config -> data -> model (+ embeddings) -> rollout -> training -> run directory.
 
 Modules, lowest first (each imports only modules above it):
-  config      TrainConfig, presets, the command-line form
+  tracking    optional TensorBoard / trackio / W&B reporting
+  config      TrainConfig and its presets
   files       durable writes: atomic replace, synced appends, torn-line-tolerant JSON lines
-  host        seeding, CPU allocator, peak memory, hardware summary
+  host        seeding, CPU allocator and core sharing, peak memory, hardware summary
   assets      the embedded model and Wikipedia sample, built once into a cache
+  corpus      articles from the Hub, the embedded sample or local files; the held-out split; stream positions
   data        articles -> token tensors -> key/value batches
   model       base model + LoRA adapter, head geometry, adapter on/off
-  embeddings  query/key embeddings and the GQA-aware similarity
+  embeddings  query/key embeddings, the GQA-aware similarity, the choice's log-prob
+  decoding    the preallocated KV cache, sampling, scoring a continuation
   trajectory  a batch of trajectories as [B, P] tensors and its derived views
   rollout     batched trajectories (policy and base model in one batch) and rewards
   accounting  tokens and FLOPs of a rollout and an update, from shapes
@@ -20,7 +23,6 @@ Modules, lowest first (each imports only modules above it):
   resilience  out-of-memory fallbacks around rollout and update
   checkpoint  atomic, hashed checkpoints
   rundir      the run directory's format: metrics, trajectory records, reading a run
-  tracking    optional TensorBoard / trackio / W&B reporting
   viz         figures
   evaluate    held-out comparison with baselines
   run         the training loop
@@ -28,7 +30,7 @@ Modules, lowest first (each imports only modules above it):
   naive       the naive reference path (SPEC read plainly) the cached rollout is checked against
   bench       throughput against the naive path and the hardware
   doctor      environment checks
-  __main__    the command line
+  __main__    the command line and TrainConfig's flags
 """
 
 import logging
