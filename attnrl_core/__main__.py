@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--run_dir", required=True, nargs="+", help="run directories")
     check.add_argument("--window", type=_positive, default=20, help="episodes in each of the two windows")
     check.add_argument("--figure", default=None, help="also plot the runs' reward curves (and its parts) to this PNG")
-    check.add_argument("--json", action="store_true", help="print {run_dir: figure} as one JSON object on the last line")
+    check.add_argument("--json", action="store_true", help="print {run_dir: figure} as one JSON object, last line")
     check.set_defaults(func=_cmd_learning_check)
     exp = sub.add_parser("experiment", help="train and evaluate arms x seeds from an experiment file, then aggregate",
                          description="Runs every (arm, seed) of a YAML experiment file (see experiments/), skipping "

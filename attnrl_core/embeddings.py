@@ -2,8 +2,10 @@
 
 DESIGN.md §2.1-2.2: an embedding is the mean over a chunk's own tokens (no surrounding context) of
 the last layer's `q_proj` (queries, adapter on) or `k_proj` (keys, adapter off) output, captured by a
-forward hook; `similarity_layer` picks another layer (a research lever; -1, the last, is SPEC's). Similarity: per query head h, scaled dot products with KV group h // (Hq/Hkv), softmax
-over the available keys per head, then the mean of the per-head distributions.
+forward hook; `similarity_layer` picks another layer (a research lever; -1, the last, is SPEC's).
+Similarity: per query head h, scaled dot products with KV group h // (Hq/Hkv), softmax over the
+available keys per head, then the mean of the per-head distributions. `choice_logprob` is the same
+distribution's log-prob of the chosen pair, with gradient (the `choice_in_loss` lever).
 Imports attnrl_core.model only.
 """
 

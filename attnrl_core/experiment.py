@@ -184,8 +184,8 @@ def format_summary(summary: dict) -> str:
                          f"{_num(r['eval_selection_entropy']['trained'], '7.3f')}")
         extra = "".join(f"; {k} {v['mean']:+.4f} (per seed {', '.join(f'{x:+.4f}' for x in v['per_seed'])})"
                         for k, v in a.items() if k.startswith("vs_"))
-        lines.append(f"{arm:10s} mean final reward {a['final_reward_mean']:+.4f} ± {a['final_reward_sd']:.4f} (SD over "
-                     f"seeds){extra}")
+        lines.append(f"{arm:10s} mean final reward {a['final_reward_mean']:+.4f} ± {a['final_reward_sd']:.4f} "
+                     f"(SD over seeds){extra}")
     return "\n".join(lines)
 
 

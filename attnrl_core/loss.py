@@ -15,15 +15,15 @@ import torch
 import torch.nn.functional as F
 
 
-def advantages(rewards: torch.Tensor, baseline: str, running_mean: float | None = None,
-               per_article: int = 1) -> torch.Tensor:
+def advantages(rewards: torch.Tensor, baseline: str, running_mean: float = 0.0, per_article: int = 1) -> torch.Tensor:
     """The factor R of the REINFORCE term [B]: the raw reward (SPEC's "none"), minus the running mean of the
-    rewards before this batch ("running_mean"; 0 while there are none), or minus the mean of the other
-    `per_article` - 1 trajectories of the same article ("leave_one_out"; rows of an article are consecutive)."""
+    rewards before this batch ("running_mean"; RunningStats' mean is 0 while it is empty), or minus the mean
+    of the other `per_article` - 1 trajectories of the same article ("leave_one_out"; rows of an article
+    are consecutive)."""
     if baseline == "none":
         return rewards
     if baseline == "running_mean":
-        return rewards - (running_mean or 0.0)
+        return rewards - running_mean
     if baseline == "leave_one_out":
         K = per_article
         assert K >= 2 and rewards.shape[0] % K == 0, (rewards.shape, K)

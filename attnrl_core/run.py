@@ -140,8 +140,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 finite = bool(torch.isfinite(rewards).all())
                 # 4. filtering against the statistics before this batch, then add the batch
                 selected, threshold = filter_batch(rewards, stats, cfg.warmup_trajectories, cfg.filter_num_sd)
-                advantage = advantages(rewards, cfg.reward_baseline, stats.mean if stats.count else None,
-                                       cfg.trajectories_per_article)
+                advantage = advantages(rewards, cfg.reward_baseline, stats.mean, cfg.trajectories_per_article)
                 upd = None
                 if finite:
                     stats.update(rewards)
@@ -156,9 +155,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 # 7. logging
                 metrics = episode_metrics(episode, traj, selected, threshold, upd, stats, finite, (t1 - t0, t2 - t1),
                                           _tokens_read(traj, selected, upd), advantage,
-                                          peak_memory_bytes=peak_memory_bytes(device),
-                                          rollout_chunk=sizes.rollout_chunk, micro_batch=sizes.micro_batch,
-                                          oom_events=sizes.oom_events)
+                                          peak_memory_bytes=peak_memory_bytes(device), **vars(sizes))
                 if heldout is not None and (episode % cfg.eval_every == 0 or episode == cfg.num_episodes):
                     metrics.update(trained_policy_score(model, heldout, sep, geo, cfg))
                 _write_logs(out, trackers, metrics, trajectory_records(traj, tokenizer, episode, selected))

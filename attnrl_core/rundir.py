@@ -66,6 +66,7 @@ METRICS = {
     "peak_memory_bytes": "peak CUDA memory allocated (GPU) or peak resident set size (CPU)",
     "rollout_chunk": "trajectories rolled out together (below generation_batch_size after an out-of-memory)",
     "micro_batch": "update micro-batch size in use (halved, with accumulation doubled, after an out-of-memory)",
+    "accumulation": "micro-batches accumulated per optimizer step in use (doubled after an update out-of-memory)",
     "oom_events": "out-of-memory events survived so far",
     "selection_entropy": "mean over trajectories and steps of the selection distribution's entropy / log(pairs left): "
                          "1 = uniform (the query does not steer), 0 = deterministic; steps with one pair left excluded",

@@ -46,8 +46,8 @@ def plot_reward_curve(metrics: list[dict], ax=None):
 def plot_training_panels(metrics: list[dict]):
     """Loss, policy loss, KL, gradient norm, filter fraction, throughput, the reward's adapter and query parts
     and the selection diagnostics per episode."""
-    keys = ["loss", "policy_loss", "kl", "grad_norm", "filter_fraction", "tokens_per_second",
-            "adapter_reward", "query_reward", "selection_entropy", "selection_top_ratio", "key_cosine", "query_distinct"]
+    keys = ["loss", "policy_loss", "kl", "grad_norm", "filter_fraction", "tokens_per_second", "adapter_reward",
+            "query_reward", "selection_entropy", "selection_top_ratio", "key_cosine", "query_distinct"]
     fig, axes = plt.subplots(2, 6, figsize=(20, 5.5))
     for ax, key in zip(axes.flat, keys):
         ep, val = _series(metrics, key)

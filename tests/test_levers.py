@@ -181,7 +181,7 @@ def test_advantages_subtract_the_chosen_baseline():
     r = torch.tensor([1.0, 2.0, 3.0, 6.0])
     assert advantages(r, "none").tolist() == r.tolist()
     assert advantages(r, "running_mean", 1.5).tolist() == [-0.5, 0.5, 1.5, 4.5]
-    assert advantages(r, "running_mean", None).tolist() == r.tolist()
+    assert advantages(r, "running_mean").tolist() == r.tolist()
     # K = 2: each row minus its partner; K = 4: minus the mean of the other three
     assert advantages(r, "leave_one_out", per_article=2).tolist() == [-1.0, 1.0, -3.0, 3.0]
     torch.testing.assert_close(advantages(r, "leave_one_out", per_article=4),
