@@ -54,7 +54,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         stored = Path(args.output_dir) / "config.json"
         if not stored.is_file():
             raise ValueError(f"--resume: {stored} does not exist: is {args.output_dir!r} a run directory?")
-        more = {} if args.num_episodes is None else {"num_episodes": int(args.num_episodes)}
+        # the directory given, not the one recorded: a run that was moved or copied resumes where it is now
+        more = {"output_dir": args.output_dir}
+        if args.num_episodes is not None:
+            more["num_episodes"] = int(args.num_episodes)
         cfg = TrainConfig.from_file(stored, **more)
     else:
         cfg = config_from_args(args)

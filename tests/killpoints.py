@@ -126,10 +126,12 @@ def arm(point: str, count: int) -> None:
         raise ValueError(f"unknown kill point {point!r}")
 
 
-def run_child(point: str | None, count: int, args: list[str], timeout: float = 600) -> int:
-    """Run the CLI in a child (killed at `point` if given); its exit code (-9 when killed)."""
+def run_child(point: str | None, count: int, args: list[str], timeout: float = 600, log: Path | None = None) -> int:
+    """Run the CLI in a child (killed at `point` if given); its exit code (-9 when killed). Its output goes
+    to `log` when given (to say why a resume failed), else nowhere."""
     cmd = [sys.executable, __file__, point or "none", str(count), "--", *args]
-    return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout).returncode
+    with open(log, "w") if log else open(os.devnull, "w") as sink:
+        return subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT, timeout=timeout).returncode
 
 
 def final_adapter(run_dir: Path, episode: int):
@@ -203,11 +205,13 @@ def _trials(n: int, seed: int) -> int:
                               "checkpoint episode-1 written")]
         if i % 2:
             events.append("resume " + _kill_after(resume, rng.uniform(0, start + rest)))
-        code = run_child(None, 0, resume)
+        log = work / f"trial-{i}-resume.log"
+        code = run_child(None, 0, resume, log=log)
         diff = max_difference(reference, final_adapter(out, 4)) if code == 0 else float("nan")
         ok = code == 0 and diff <= 1e-6
         failures += not ok
-        print(f"trial {i + 1:2d}: {'; '.join(events)}; final resume exit {code}, max adapter difference "
+        why = "" if code == 0 else f" ({(log.read_text().strip().splitlines() or ['no output'])[-1][:200]})"
+        print(f"trial {i + 1:2d}: {'; '.join(events)}; final resume exit {code}{why}, max adapter difference "
               f"{diff:.1e} {'ok' if ok else 'FAIL'}", flush=True)
     shutil.rmtree(work, ignore_errors=True)
     print(f"{n - failures} of {n} trials ended with the uninterrupted run's adapter")

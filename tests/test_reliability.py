@@ -217,3 +217,16 @@ def test_doctor_prints_a_table():
     assert res.returncode == 0, res.stdout + res.stderr
     for check in ("torch", "bitsandbytes Adam8bit", "embedded model", "CUDA", "disk for checkpoints"):
         assert check in res.stdout
+
+
+def test_a_moved_run_resumes_where_it_is_now(reference_run, tmp_path):
+    """config.json records the directory a run started in; `--resume --output_dir NEW` continues in NEW."""
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(reference_run, moved)
+    before = _snapshot(reference_run)
+    assert main(["train", "--resume", "--output_dir", str(moved), "--num_episodes", "6", "--no_progress"]) == 0
+    assert [m["episode"] for m in read_jsonl(moved / "metrics.jsonl")][-1] == 6
+    assert _snapshot(reference_run) == before
+    assert json.loads((moved / "config.json").read_text())["output_dir"] == str(moved)
