@@ -33,8 +33,8 @@ from .host import keep_freed_memory, peak_memory_bytes, reset_peak_memory, share
 from .model import (adapter_parameters, attach_adapter, float32_head, gqa_attention, head_geometry, load_policy,
                     load_tokenizer, resolve_device, resolve_dtype)
 from .naive import naive_rollout
-from .rollout import rollout
-from .training import load_values, make_optimizer, read_length, update_policy
+from .rollout import rollout, rollout_options
+from .training import load_values, make_optimizer, read_length, update_options, update_policy
 
 
 # -- hardware limits -------------------------------------------------------------------------------------
@@ -109,9 +109,9 @@ def _benchmark(cfg: TrainConfig, preset: str, device: torch.device, skip_naive: 
         model, tokenizer = load_policy(cfg, device)
     sep, geo = encode_separators(tokenizer), head_geometry(model)
     params = sum(p.numel() for p in model.parameters())
-    batch = next(iter_key_value_batches(cfg, tokenizer, key_embedding_fn(model, device)))
+    batch = next(iter_key_value_batches(cfg, tokenizer, key_embedding_fn(model, device, layer=cfg.similarity_layer)))
     B = batch.batch_size
-    kwargs = dict(tokens_per_query=cfg.tokens_per_query, similarity_temperature=cfg.temperature, greedy=True)
+    kwargs = dict(**rollout_options(cfg), greedy=True)  # greedy: the naive path must choose the same pairs
 
     # Each phase is timed after one untimed run of the same size: a long run's steady state. The first
     # episode of a run also pays for growing the heap (and CUDA's caching allocator) to the phase's peak.
@@ -147,12 +147,11 @@ def _benchmark(cfg: TrainConfig, preset: str, device: torch.device, skip_naive: 
     adapter = adapter_parameters(model)
     policy = [p.detach().clone() for p in adapter]
     update_policy(model, make_optimizer(model, cfg), traj, torch.arange(B) < cfg.training_batch_size,
-                  training_batch_size=cfg.training_batch_size, beta=cfg.kl_beta)  # warm-up: one micro-batch
+                  training_batch_size=cfg.training_batch_size, **update_options(cfg))  # warm-up: one micro-batch
     load_values(adapter, policy)  # the timed update starts from the policy that rolled the batch out
     upd, t_update = _timed(device, lambda: update_policy(model, optimizer, traj, selected,
                                                          training_batch_size=cfg.training_batch_size,
-                                                         beta=cfg.kl_beta, max_grad_norm=cfg.max_grad_norm),
-                           cfg.num_threads)
+                                                         **update_options(cfg)), cfg.num_threads)
     update_cost = update_work(B, read_length(traj.query_positions), traj.query_positions.numel())
     trained_tokens = update_cost.tokens  # what the update reads
     result["update_seconds"] = t_update.seconds

@@ -146,6 +146,11 @@ def score_tail(model: nn.Module, cache: DynamicCache, ids: torch.Tensor, T: int,
     S = ids.shape[1]
     target = ids[:, S - T:]
     predicting = torch.arange(S - T - 1, S - 1, device=ids.device)  # the positions before each target token
-    logits = forward_logits(model, ids, cache, predicting, adapter_names).float()
-    # log p(target) = logit(target) - logsumexp(logits): no [B, T, V] log-softmax tensor is written
-    return logits.gather(-1, target[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return token_logprobs(forward_logits(model, ids, cache, predicting, adapter_names), target)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(tokens) [..., T] (float32) under logits [..., T, V] predicting them."""
+    logits = logits.float()
+    # log p(token) = logit(token) - logsumexp(logits): no [..., T, V] log-softmax tensor is written
+    return logits.gather(-1, tokens[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)

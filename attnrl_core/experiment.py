@@ -78,11 +78,17 @@ def _train(run_dir: Path, cfg: TrainConfig) -> str:
         config_file = run_dir.parent / f".{run_dir.name}.json"
         atomic_write_text(config_file, json.dumps(cfg.to_dict()))
         args = ["train", "--config", str(config_file)]
-    log = open(run_dir.parent / f"{run_dir.name}.log", "a")
-    code = subprocess.call([sys.executable, "-m", "attnrl_core", *args, "--no_progress"], stdout=log, stderr=log)
-    if code != 0:
-        raise RuntimeError(f"training {run_dir} failed (exit {code}): see {log.name}")
+    _cli(run_dir, [*args, "--no_progress"], "training")
     return "resumed" if resume else "trained"
+
+
+def _cli(run_dir: Path, args: list[str], doing: str) -> None:
+    """`python -m attnrl_core ARGS` in its own process, its output appended to the run's log."""
+    log = run_dir.parent / f"{run_dir.name}.log"
+    with open(log, "a") as sink:
+        code = subprocess.call([sys.executable, "-m", "attnrl_core", *args], stdout=sink, stderr=sink)
+    if code != 0:
+        raise RuntimeError(f"{doing} {run_dir} failed (exit {code}): see {log}")
 
 
 def _evaluate(run_dir: Path, cfg: TrainConfig, options: dict) -> dict:
@@ -91,10 +97,7 @@ def _evaluate(run_dir: Path, cfg: TrainConfig, options: dict) -> dict:
         args = ["evaluate", "--run_dir", str(run_dir), "--checkpoint", str(cfg.num_episodes), "--json"]
         for key, value in options.items():
             args += [f"--{key}", str(value)]
-        log = open(run_dir.parent / f"{run_dir.name}.log", "a")
-        code = subprocess.call([sys.executable, "-m", "attnrl_core", *args], stdout=log, stderr=log)
-        if code != 0:
-            raise RuntimeError(f"evaluating {run_dir} failed (exit {code}): see {log.name}")
+        _cli(run_dir, args, "evaluating")
     return json.loads(report_file.read_text())
 
 

@@ -4,7 +4,7 @@ Per selected trajectory, with R its reward (less a baseline, `advantages`):
     loss = -R * sum_{steps, query tokens} log pi(token | state)  [+ log p(chosen pair | query), choice_in_loss]
            + beta * sum_{steps, query tokens} KL(reference(.|state) || pi(.|state))
            [+ value_nll_weight * mean NLL of the chosen values]
-averaged over trajectories. Pure functions of tensors; imports nothing from attnrl_core.
+averaged over trajectories. Pure functions of tensors; imports attnrl_core.decoding (log-probs of tokens).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .decoding import token_logprobs
 
 
 def advantages(rewards: torch.Tensor, baseline: str, running_mean: float = 0.0, per_article: int = 1) -> torch.Tensor:
@@ -81,8 +83,6 @@ def reinforce_loss(current_logits: torch.Tensor, previous_logits: torch.Tensor, 
 
 def value_nll(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood [n] of value tokens [n, P*Tv] under logits [n, P*Tv, V] predicting them."""
-    logits = logits.float()
-    logp = logits.gather(-1, values[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return -logp.mean(dim=1)
+    return -token_logprobs(logits, values).mean(dim=1)
 
 
