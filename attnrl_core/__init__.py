@@ -5,6 +5,7 @@ Data flows one way: config -> data -> model (+ embeddings) -> rollout -> trainin
 Modules, lowest first (each imports only modules above it):
   tracking    optional TensorBoard / trackio / W&B reporting
   config      TrainConfig and its presets
+  distributed data parallelism: ranks from torchrun / accelerate, each rank's rows, gradient sums
   files       durable writes: atomic replace, synced appends, torn-line-tolerant JSON lines
   host        seeding, CPU allocator and core sharing, peak memory, hardware summary
   assets      the embedded model and Wikipedia sample, built once into a cache

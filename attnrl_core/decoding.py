@@ -4,7 +4,7 @@ The rollout's forward passes all go through here: a cache allocated once for the
 written in place (`BufferedCache`, whose row views let some rows roll back and read other tokens),
 sampling a fixed number of tokens with no early stop, and the log-probs of a continuation read in
 one pass, with logits computed only at the positions that need them.
-Imports nothing from attnrl_core.
+Imports attnrl_core.distributed (which rows of a global batch a rollout holds) only.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
+
+from .distributed import Rows, global_draw
 
 
 class _BufferLayer(DynamicLayer):
@@ -96,36 +98,39 @@ def forward_logits(model: nn.Module, ids: torch.Tensor, cache: DynamicCache, log
     return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep, **extra).logits
 
 
-def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None,
+                       rows: Rows | None = None) -> torch.Tensor:
     """One token per row [B, 1] from softmax(logits [B, V] / temperature), by inverting the CDF.
 
     One uniform per row and a scan of the vocabulary, on the device, with no host synchronisation.
     `torch.multinomial` (and the exponential race it uses for one sample) draws an exponential for
     every vocabulary entry, 6M draws per token at B=128, V=49k: on the CPU the rollout's most
     expensive operation in a profile (BENCHMARKS.md). `generator` (on the logits' device) replaces
-    the global one.
+    the global one; with `rows`, the uniforms are drawn for the whole global batch (`global_draw`).
     """
     cdf = F.softmax(logits.float() / temperature, dim=-1).cumsum(dim=-1)  # [B, V]
-    u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * cdf[:, -1:]  # scaled by the total: no rounding overflow
+    u = global_draw(cdf.shape[0], rows, lambda m: torch.rand(m, 1, device=cdf.device, generator=generator))
+    u = u * cdf[:, -1:]  # scaled by the total: no rounding overflow
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)
 
 
 def sample_tokens(model: nn.Module, cache: DynamicCache, prompt: torch.Tensor, num_tokens: int,
                   temperature: float, greedy: bool = False, adapter_names: list[str] | None = None,
-                  keep_logits: int = 0, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  keep_logits: int = 0, generator: torch.Generator | None = None,
+                  rows: Rows | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Read `prompt` [B, S] into `cache`, then sample exactly `num_tokens` tokens [B, num_tokens].
 
     Returns the tokens and, for the first `keep_logits` rows, the logits each token was drawn from
     [keep_logits, num_tokens, V] (None when 0). No early stop. The last sampled token is *not* read
     into the cache: the caller's next forward pass starts with it (so the step's value scoring and
-    context extension are one pass).
+    context extension are one pass). `rows`: which rows of a global batch the prompt's blocks hold
+    (`sample_from_logits`).
     """
     logits = forward_logits(model, prompt, cache, 1, adapter_names)[:, -1]  # [B, V]
     out, kept = [], []
     for i in range(num_tokens):
         token = (logits.argmax(dim=-1, keepdim=True) if greedy
-                 else sample_from_logits(logits, temperature, generator))  # [B, 1]
+                 else sample_from_logits(logits, temperature, generator, rows))  # [B, 1]
         out.append(token)
         if keep_logits:
             kept.append(logits[:keep_logits])

@@ -1,11 +1,14 @@
 """Surviving faults in a long run: out-of-memory fallbacks and the non-finite guard.
 
-- Rollout OOM: free memory, roll the same batch out in row chunks of half the size (same
-  trajectories, same effective batch), and keep that chunk size for later episodes.
+- Rollout OOM: free memory, roll the same batch out in row chunks of half the size, and keep that
+  chunk size for later episodes. Every chunk starts from the RNG state the whole batch started from
+  and draws for the whole batch (`distributed.global_draw`), so the trajectories are the same.
 - Update OOM: restore the adapter and optimizer to the phase's start, halve the micro-batch and
   double gradient accumulation (same effective batch), and redo the phase.
 - Below size 1 there is nothing left to halve: stop with a message that says so.
-Imports attnrl_core.host, .model, .rollout, .trajectory and .training.
+- In a data-parallel run an update OOM on one rank cannot be retried in step with the others: it
+  stops with a message naming the setting to lower.
+Imports attnrl_core.distributed, .host, .model, .rollout, .trajectory and .training.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .distributed import Rows
 from .host import free_memory
 from .model import adapter_parameters
 from .rollout import rollout
@@ -39,16 +43,43 @@ class FallbackState:
     oom_events: int = 0
 
 
-def rollout_resilient(model, batch, sep, geo, state: FallbackState, describe_hardware, **kwargs) -> Trajectory:
+def _restorer(device: torch.device, generator: torch.Generator | None):
+    """A callable that puts the rollout's random generator(s) back to their state now."""
+    if generator is not None:
+        state = generator.get_state()
+        return lambda: generator.set_state(state)
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore() -> None:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+
+    return restore
+
+
+def rollout_resilient(model, batch, sep, geo, state: FallbackState, describe_hardware, rows: Rows | None = None,
+                      **kwargs) -> Trajectory:
+    """`rollout` of `batch` (rows `rows` of a global batch; default the whole of it) in chunks of
+    `state.rollout_chunk` rows, halved on out-of-memory."""
     B = batch.batch_size
+    rows = rows or Rows(0, B, B)
+    restore = _restorer(batch.key_embeddings.device, kwargs.get("generator"))
     while True:
         chunk = min(state.rollout_chunk, B)
         try:
-            parts = [rollout(model, batch.rows(i, min(i + chunk, B)), sep, geo, **kwargs) for i in range(0, B, chunk)]
+            parts = []
+            for i in range(0, B, chunk):
+                if i:
+                    restore()  # each chunk draws what the whole batch would, from the same state
+                parts.append(rollout(model, batch.rows(i, min(i + chunk, B)), sep, geo,
+                                     global_rows=rows.within(i, min(i + chunk, B)), **kwargs))
             return parts[0] if len(parts) == 1 else Trajectory.concat(parts, batch)
         except Exception as e:  # noqa: BLE001 - only out-of-memory is handled; anything else propagates
             if not is_out_of_memory(e):
                 raise
+            restore()
             free_memory()
             state.oom_events += 1
             if chunk <= 1:
@@ -71,6 +102,10 @@ def update_resilient(model, optimizer, trajectory, selected, state: FallbackStat
         except Exception as e:  # noqa: BLE001
             if not is_out_of_memory(e):
                 raise
+            if kwargs.get("ranks") is not None and kwargs["ranks"].world > 1:
+                raise RuntimeError(f"out of memory in a data-parallel update ({describe_hardware()}): the ranks cannot "
+                                   f"retry in step; lower --training_batch_size (now {state.micro_batch}) and "
+                                   "resume") from e
             optimizer.zero_grad(set_to_none=True)
             load_values(params, saved_params)
             optimizer.load_state_dict(saved_optimizer)

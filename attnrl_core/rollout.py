@@ -21,7 +21,7 @@ step reads the weights once for both. The cache is allocated once for the final 
 in place; nothing is re-encoded. The policy's sampling logits are kept: they are the previous
 policy of the update phase.
 Python loops run only over steps and generated tokens; the result is a `trajectory.Trajectory`.
-Imports attnrl_core.config, .data, .decoding, .embeddings, .model and .trajectory.
+Imports attnrl_core.config, .data, .decoding, .distributed, .embeddings, .model and .trajectory.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from transformers import DynamicCache
 
 from .config import TrainConfig
 from .data import KeyValueBatch, Separators
+from .distributed import Rows, global_draw
 from .decoding import BufferedCache, forward_logits, sample_tokens, score_continuation, score_tail
 from .embeddings import compute_similarity, query_embeddings
 from .model import HeadGeometry, base_model, policy_and_base
@@ -53,11 +54,13 @@ def initial_context(batch: KeyValueBatch, sep: Separators, device: torch.device)
 
 
 def choose_pairs(probs: torch.Tensor, available: torch.Tensor, selector: str, greedy: bool,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 generator: torch.Generator | None = None, rows: Rows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(choice [B], the distribution it was drawn from [B, N]) for a selection rule.
 
     attention: the query's similarity distribution (the method); random: uniform over the pairs left
     (a baseline); natural: the earliest pair left, i.e. article order (a reference).
+    The draw is `torch.multinomial`'s own for one sample, argmax(p / q) with q ~ Exp(1) per entry (the
+    same numbers from the same generator state), with q drawn for the global batch of `rows`.
     """
     if selector == "random":
         probs = available.float() / available.sum(dim=1, keepdim=True)
@@ -69,7 +72,9 @@ def choose_pairs(probs: torch.Tensor, available: torch.Tensor, selector: str, gr
         raise ValueError(f"selector {selector!r} is unknown: use attention, random or natural")
     if greedy or selector == "natural":
         return probs.argmax(dim=1), probs
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1), probs
+    q = global_draw(probs.shape[0], rows, lambda m: torch.empty(m, *probs.shape[1:], dtype=probs.dtype,
+                                                                 device=probs.device).exponential_(generator=generator))
+    return (probs / q).argmax(dim=1), probs
 
 
 def score_candidates(model: nn.Module, cache: BufferedCache, last_query_token: torch.Tensor, r_sep: torch.Tensor,
@@ -99,12 +104,15 @@ def score_candidates(model: nn.Module, cache: BufferedCache, last_query_token: t
 def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGeometry, *,
             tokens_per_query: int, similarity_temperature: float = 1.0, query_temperature: float = 1.0,
             greedy: bool = False, selector: str = "attention", generator: torch.Generator | None = None,
-            oracle: bool = False, similarity_layer: int = -1) -> Trajectory:
+            oracle: bool = False, similarity_layer: int = -1, global_rows: Rows | None = None) -> Trajectory:
     """Generate B trajectories in lock-step; see the module docstring for the steps. `selector` swaps
     the attention selection for a baseline (`choose_pairs`); everything else stays the same. Every
     random draw comes from `generator` when given (on the batch's device), else the global generator.
     `oracle` also scores every pair left at every step (`score_candidates`, for evaluation);
-    `similarity_layer` is the layer whose q_proj embeds the query (the keys' must match)."""
+    `similarity_layer` is the layer whose q_proj embeds the query (the keys' must match); `global_rows`,
+    which rows of a global batch this batch is (a rank's share or a chunk; `distributed.global_draw`): the
+    draws are the global batch's, so a trajectory does not depend on how the batch was split."""
+    assert global_rows is None or global_rows.size == batch.batch_size, (global_rows, batch.batch_size)
     assert batch.key_embeddings is not None, "run the batch through data.add_embeddings first"
     was_training = model.training
     model.eval()
@@ -131,7 +139,7 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
     for _ in range(P):
         # 1. the policy writes a query; the base model writes the counterfactual in the same passes
         queries, logits = sample_tokens(model, cache, q_sep.repeat(2, 1), Tq, query_temperature, greedy, both,
-                                        keep_logits=B, generator=generator)  # [2B, Tq], the policy's [B, Tq, V]
+                                        keep_logits=B, generator=generator, rows=global_rows)  # [2B, Tq], the policy's [B, Tq, V]
         query_logits.append(logits)
         query, cf = queries[:B], queries[B:]
         # 2. the query's embedding scores the keys left in the pool
@@ -141,7 +149,7 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
         if oracle:
             candidate_rewards.append(score_candidates(model, cache, queries[:, -1:], r_sep.repeat(2, 1), values,
                                                       available, both))
-        choice, probs = choose_pairs(probs, available, selector, greedy, generator)  # [B], [B, N]
+        choice, probs = choose_pairs(probs, available, selector, greedy, generator, global_rows)  # [B], [B, N]
         available[rows, choice] = False
         value = values[rows, choice]  # [B, Tv]
         # 4. each model scores the value after its own query; the policy's pass extends its context

@@ -3,7 +3,7 @@
 `train(cfg)` initialises (model + adapter, data stream with key embeddings, 8-bit Adam, reward
 statistics), then per episode rolls out a batch, filters it, updates the policy on the selected
 trajectories, and logs; the run directory's format is `rundir`'s. Imports attnrl_core.accounting,
-.checkpoint, .config, .corpus, .data, .embeddings, .evaluate, .files, .filtering, .host, .loss, .model,
+.checkpoint, .config, .corpus, .data, .distributed, .embeddings, .evaluate, .files, .filtering, .host, .loss, .model,
 .resilience, .rollout, .rundir, .tracking, .training and .viz.
 """
 
@@ -22,7 +22,9 @@ from .accounting import rollout_work, update_work
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .corpus import DataPosition, longest_article_tokens
-from .data import encode_separators, iter_key_value_batches, long_articles
+from . import distributed
+from .data import add_embeddings, encode_separators, iter_key_value_batches, long_articles
+from .distributed import Ranks, launched_ranks
 from .embeddings import key_embedding_fn
 from .evaluate import heldout_batch, trained_policy_score
 from .files import append_jsonl, truncate_jsonl
@@ -92,38 +94,57 @@ def validate_inputs(cfg: TrainConfig, resume: bool):
     return out, ckpt, device, tokenizer
 
 
-def _restore(out: Path, ckpt: Path, model, optimizer) -> tuple[RunningStats, int, DataPosition]:
+def _restore(out: Path, ckpt: Path, model, optimizer, ranks: Ranks) -> tuple[RunningStats, int, DataPosition]:
     """Load a checkpoint and cut the logs back to it: (reward statistics, its episode, data position)."""
     state = load_checkpoint(ckpt, model, optimizer)
     stats = RunningStats()
     stats.load_state_dict(state["stats"])
-    for name in ("metrics.jsonl", "trajectories.jsonl"):
-        truncate_jsonl(out / name, state["episode"])
-    log.info("resuming %s from %s", out, ckpt.name)
+    if ranks.main:
+        for name in ("metrics.jsonl", "trajectories.jsonl"):
+            truncate_jsonl(out / name, state["episode"])
+        log.info("resuming %s from %s", out, ckpt.name)
     return stats, state["episode"], DataPosition(**state["data_position"])
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Run `cfg.num_episodes` episodes; return the run directory. Nothing is written before the inputs
-    have been validated, and an existing run is only ever continued (`resume=True`), never overwritten."""
+    have been validated, and an existing run is only ever continued (`resume=True`), never overwritten.
+    Launched by torchrun or `accelerate launch`, every process runs this as one rank of a data-parallel
+    run (`distributed`); rank 0 alone writes the run directory."""
+    ranks = launched_ranks()
     out, ckpt, device, tokenizer = validate_inputs(cfg, resume)
+    device = torch.device("cuda", ranks.local_rank) if device.type == "cuda" and ranks.world > 1 else device
+    ranks.rows(cfg.generation_batch_size)  # refuses a batch that does not split, before the group is joined
+    distributed.start(ranks, device.type)
+    try:
+        return _train(cfg, ranks, out, ckpt, device, tokenizer, progress)
+    finally:
+        distributed.stop(ranks)
+
+
+def _train(cfg: TrainConfig, ranks: Ranks, out: Path, ckpt: Path | None, device: torch.device, tokenizer,
+           progress: bool) -> Path:
     _prepare_host(cfg, device)
     # 1. Initialisation
     model, tokenizer = load_policy(cfg, device, tokenizer)
     sep, geo = encode_separators(tokenizer), head_geometry(model)
     optimizer = make_optimizer(model, cfg)
-    stats, start, data_start = _restore(out, ckpt, model, optimizer) if ckpt else (RunningStats(), 0, DataPosition())
-    write_config(out, cfg)
+    stats, start, data_start = (_restore(out, ckpt, model, optimizer, ranks) if ckpt else
+                                (RunningStats(), 0, DataPosition()))
+    ranks.sync_rng(device)  # a GPU's state is rank 0's device's, whichever device a rank uses
+    if ranks.main:
+        write_config(out, cfg)
     embed = key_embedding_fn(model, device, layer=cfg.similarity_layer)
-    batches = iter_key_value_batches(cfg, tokenizer, embed, start=data_start)
-    sizes = FallbackState(cfg.generation_batch_size, cfg.training_batch_size, cfg.gradient_accumulation_steps)
+    batches = _rank_batches(cfg, tokenizer, embed, data_start, ranks)
+    sizes = FallbackState(cfg.generation_batch_size // ranks.world, cfg.training_batch_size,
+                          cfg.gradient_accumulation_steps)
     # the same held-out batch every time, so the eval_* curve is comparable across episodes
-    heldout = heldout_batch(cfg, tokenizer, embed, cfg.eval_articles, cfg.seed) if cfg.eval_every else None
+    heldout = heldout_batch(cfg, tokenizer, embed, cfg.eval_articles, cfg.seed) if cfg.eval_every and ranks.main else None
     describe = lambda: hardware_state(device)  # noqa: E731
     bar = tqdm(range(start, cfg.num_episodes), initial=start, total=cfg.num_episodes, desc="episodes",
-               disable=not progress)
-    trackers = Trackers(parse_report_to(cfg.report_to), out, cfg.to_dict(), resume=ckpt is not None,
-                        first_step=start + 1)
+               disable=not progress or not ranks.main)
+    trackers = Trackers(parse_report_to(cfg.report_to) if ranks.main else [], out, cfg.to_dict(),
+                        resume=ckpt is not None, first_step=start + 1)
     nonfinite_streak, episode = 0, start
     try:
         with _StopRequest() as stop, sharing_cpu(device):  # runs side by side share the cores
@@ -132,48 +153,75 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 if device.type == "cuda":  # per-episode peaks; the CPU's VmHWM stays the process's peak
                     reset_peak_memory(device)
                 t0 = time.perf_counter()
-                batch = next(batches)
-                # 2-3. trajectories and rewards
-                traj = rollout_resilient(model, batch, sep, geo, sizes, describe, **rollout_options(cfg))
+                batch, mine = next(batches)
+                # 2-3. trajectories and rewards; every rank rolls out its rows and sees the whole batch's
+                local = rollout_resilient(model, mine, sep, geo, sizes, describe,
+                                          rows=ranks.rows(batch.batch_size), **rollout_options(cfg))
+                traj = local.gathered(batch, ranks)
                 t1 = time.perf_counter()
-                rewards = traj.avg_reward.float().cpu()
-                finite = bool(torch.isfinite(rewards).all())
-                # 4. filtering against the statistics before this batch, then add the batch
-                selected, threshold = filter_batch(rewards, stats, cfg.warmup_trajectories, cfg.filter_num_sd)
-                advantage = advantages(rewards, cfg.reward_baseline, stats.mean, cfg.trajectories_per_article)
-                upd = None
-                if finite:
-                    stats.update(rewards)
-                    # 5-6. policy update on the selected trajectories
-                    upd = update_resilient(model, optimizer, traj, selected, sizes, describe, rewards=advantage,
-                                           **update_options(cfg))
-                else:
-                    selected = torch.zeros_like(selected)
-                    log.warning("episode %d: non-finite reward; update skipped, statistics unchanged", episode)
+                # 4-6. filtering, then the policy update on the selected trajectories
+                finite, selected, threshold, advantage, upd = _filter_and_update(
+                    cfg, episode, model, optimizer, traj, local, stats, sizes, describe, ranks, device)
                 t2 = time.perf_counter()
                 nonfinite_streak = _nonfinite_streak(nonfinite_streak, finite, upd, cfg.max_nonfinite)
-                # 7. logging
-                metrics = episode_metrics(episode, traj, selected, threshold, upd, stats, finite, (t1 - t0, t2 - t1),
-                                          _tokens_read(traj, selected, upd), advantage,
-                                          peak_memory_bytes=peak_memory_bytes(device), **vars(sizes))
-                if heldout is not None and (episode % cfg.eval_every == 0 or episode == cfg.num_episodes):
-                    metrics.update(trained_policy_score(model, heldout, sep, geo, cfg))
-                _write_logs(out, trackers, metrics, trajectory_records(traj, tokenizer, episode, selected))
-                _report(bar, metrics, cfg, upd)
-                if episode % cfg.checkpoint_every == 0 or episode == cfg.num_episodes or stop.signal is not None:
-                    save_checkpoint(out, episode, model, optimizer, {"stats": stats.state_dict(),
-                                    "data_position": vars(batch.position)}, cfg.keep_checkpoints)
-                if stop.signal is not None:
-                    stop.report(episode, out)
+                stopping = ranks.any(stop.signal is not None)
+                if ranks.main:  # 7. logging and checkpoints
+                    metrics = episode_metrics(episode, traj, selected, threshold, upd, stats, finite, (t1 - t0, t2 - t1),
+                                              _tokens_read(traj, selected, upd, local.query_logits is None), advantage,
+                                              devices=ranks.world, peak_memory_bytes=peak_memory_bytes(device),
+                                              **vars(sizes))
+                    if heldout is not None and (episode % cfg.eval_every == 0 or episode == cfg.num_episodes):
+                        metrics.update(trained_policy_score(model, heldout, sep, geo, cfg))
+                    _write_logs(out, trackers, metrics, trajectory_records(traj, tokenizer, episode, selected))
+                    _report(bar, metrics, cfg, upd)
+                    if episode % cfg.checkpoint_every == 0 or episode == cfg.num_episodes or stopping:
+                        save_checkpoint(out, episode, model, optimizer, {"stats": stats.state_dict(),
+                                        "data_position": vars(batch.position)}, cfg.keep_checkpoints)
+                if stopping:
+                    if ranks.main:
+                        stop.report(episode, out)
                     break
     except Exception:
-        log.error("training failed at episode %d; hardware state: %s", episode, hardware_state(device))
+        log.error("training failed at episode %d (rank %d of %d); hardware state: %s", episode, ranks.rank,
+                  ranks.world, hardware_state(device))
         raise
     finally:
         bar.close()
         trackers.close()
-    save_run_figures(out)
+    if ranks.main:
+        save_run_figures(out)
+    ranks.barrier()  # no rank leaves (and closes the group) while rank 0 still writes
     return out
+
+
+def _rank_batches(cfg: TrainConfig, tokenizer, embed, start: DataPosition, ranks: Ranks):
+    """(global batch, this rank's rows of it with their key embeddings) per episode. Every rank reads the
+    whole batch (articles and pools, the same on all), and embeds only its own rows."""
+    if ranks.world == 1:
+        for batch in iter_key_value_batches(cfg, tokenizer, embed, start=start):
+            yield batch, batch
+        return
+    for batch in iter_key_value_batches(cfg, tokenizer, None, start=start):
+        rows = ranks.rows(batch.batch_size)
+        yield batch, next(add_embeddings([batch.rows(rows.start, rows.stop)], embed))
+
+
+def _filter_and_update(cfg: TrainConfig, episode: int, model, optimizer, traj, local, stats: RunningStats,
+                       sizes: FallbackState, describe, ranks: Ranks, device: torch.device):
+    """Steps 4-6 on the global batch `traj` (`local`: this rank's rows of it): the filter against the statistics
+    before this batch, the batch added to them, the update. (finite, selected, threshold, advantage, update)."""
+    rewards = traj.avg_reward.float().cpu()
+    finite = bool(torch.isfinite(rewards).all())
+    selected, threshold = filter_batch(rewards, stats, cfg.warmup_trajectories, cfg.filter_num_sd)
+    advantage = advantages(rewards, cfg.reward_baseline, stats.mean, cfg.trajectories_per_article)
+    if not finite:
+        log.warning("episode %d: non-finite reward; update skipped, statistics unchanged", episode)
+        return finite, torch.zeros_like(selected), threshold, advantage, None
+    stats.update(rewards)
+    upd = update_resilient(model, optimizer, local, selected, sizes, describe, rewards=advantage, ranks=ranks,
+                           **update_options(cfg))
+    ranks.sync_rng(device)  # the update's dropout draws differ between ranks
+    return finite, selected, threshold, advantage, upd
 
 
 def _prepare_host(cfg: TrainConfig, device: torch.device) -> None:
@@ -196,12 +244,13 @@ def _write_logs(out: Path, trackers: Trackers, metrics: dict, records: list[dict
     trackers.log(metrics, metrics["episode"])
 
 
-def _tokens_read(traj, selected: torch.Tensor, upd) -> int:
-    """Tokens the model read this episode: the rollout's, and the update's when it ran."""
+def _tokens_read(traj, selected: torch.Tensor, upd, rescored: bool) -> int:
+    """Tokens the model read this episode, on all ranks: the rollout's, and the update's when it ran
+    (`rescored`: the previous policy's logits had to be recomputed)."""
     tokens = rollout_work(traj).tokens
     if upd is not None:
         tokens += update_work(int(selected.sum()), read_length(traj.query_positions), traj.query_positions.numel(),
-                              traj.query_logits is None).tokens
+                              rescored).tokens
     return tokens
 
 

@@ -62,7 +62,9 @@ METRICS = {
     "rollout_seconds": "seconds spent generating the batch",
     "update_seconds": "seconds spent in the update phase",
     "seconds": "seconds for the whole episode",
-    "tokens_per_second": "tokens read by the model (rollout + update) per second",
+    "tokens_per_second": "tokens read by the model (rollout + update, all processes) per second",
+    "tokens_per_second_per_device": "tokens_per_second / the number of processes (devices) of a data-parallel run: "
+                                    "the figure other RL trainers report",
     "peak_memory_bytes": "peak CUDA memory allocated (GPU) or peak resident set size (CPU)",
     "rollout_chunk": "trajectories rolled out together (below generation_batch_size after an out-of-memory)",
     "micro_batch": "update micro-batch size in use (halved, with accumulation doubled, after an out-of-memory)",
@@ -81,10 +83,10 @@ METRICS = {
 
 def episode_metrics(episode: int, traj: "Trajectory", selected: torch.Tensor, threshold: float | None,
                     upd: "UpdateResult | None", stats: "RunningStats", finite: bool, seconds: tuple[float, float],
-                    tokens: int, advantage: torch.Tensor, **extra) -> dict:
+                    tokens: int, advantage: torch.Tensor, devices: int = 1, **extra) -> dict:
     """One line of metrics.jsonl, every key of METRICS. `seconds` is (rollout, update); `tokens` what the
-    model read in both; `advantage` [B] the loss's factor R; `extra` holds the run's own fields (memory,
-    fallback sizes, evaluation)."""
+    model read in both, on all `devices`; `advantage` [B] the loss's factor R; `extra` holds the run's own
+    fields (memory, fallback sizes, evaluation)."""
     rewards = traj.avg_reward.float()
     n_sel = int(selected.sum())
     chosen = advantage.float().cpu()[selected.cpu()]
@@ -106,6 +108,7 @@ def episode_metrics(episode: int, traj: "Trajectory", selected: torch.Tensor, th
         "running_mean": stats.mean, "running_std": stats.std,
         "rollout_seconds": rollout_s, "update_seconds": update_s, "seconds": rollout_s + update_s,
         "tokens_per_second": tokens / (rollout_s + update_s),
+        "tokens_per_second_per_device": tokens / ((rollout_s + update_s) * devices),
         **selection_diagnostics(traj), "eval_reward": None, "eval_logprob": None,
         **extra,
     }

@@ -10,8 +10,12 @@ query) to each step's log-prob (`embeddings.choice_logprob`); `value_nll_weight`
 NLL of the chosen values, predicted in the same pass; `kl_reference="base"` measures the KL against
 the adapter-disabled base model; the loss's R is `loss.advantages` of the reward.
 
+In a data-parallel run (`ranks`) each rank holds its rows of the global batch: the optimizer steps
+are planned over the global selection, each rank adds the loss of the step's trajectories it holds,
+and the gradients are summed over the ranks before clipping, so every rank takes the same step.
+
 `update_policy` is the thin stateful shell around the pure loss, and `make_optimizer` builds the
-8-bit Adam it steps. Imports attnrl_core.config, .embeddings, .loss, .model and .trajectory.
+8-bit Adam it steps. Imports attnrl_core.config, .distributed, .embeddings, .loss, .model and .trajectory.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
+from .distributed import Ranks
 from .embeddings import choice_logprob
 from .loss import reinforce_loss, value_nll
 from .model import adapter_parameters, base_model
@@ -119,7 +124,7 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory
                   beta: float = 0.1, max_grad_norm: float = 1.0, query_temperature: float = 1.0,
                   rewards: torch.Tensor | None = None, kl_reference: str = "previous", value_nll_weight: float = 0.0,
                   choice_in_loss: bool = False, similarity_temperature: float = 1.0,
-                  similarity_layer: int = -1) -> UpdateResult | None:
+                  similarity_layer: int = -1, ranks: Ranks | None = None) -> UpdateResult | None:
     """One update phase over the selected trajectories; None when nothing was selected.
 
     An optimizer step covers up to `training_batch_size * gradient_accumulation_steps` trajectories
@@ -128,15 +133,22 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory
     the micro-batch sizes, and halving the micro-batch while doubling accumulation (the out-of-memory
     fallback) gives the same gradient. `rewards` [B] is the loss's R (`advantages`; default the raw
     reward); the other keywords are the research levers of the module docstring.
+
+    With `ranks`, `trajectory` holds this rank's rows of the global batch and `selected` and `rewards`
+    are the global batch's [B_global]; the result's figures are the global batch's.
     """
-    index = selected.nonzero().squeeze(1).cpu()
+    ranks = ranks or Ranks()
+    index = selected.nonzero().squeeze(1).cpu()  # rows of the global batch
     if index.numel() == 0:
         return None
+    mine = ranks.rows(selected.shape[0])
+    assert mine.size == trajectory.batch_size, (mine, trajectory.batch_size)
     params = adapter_parameters(model)
     # Rollout tensors are inference tensors; clone them into ordinary ones for autograd.
     tokens_all = trajectory.tokens.clone()
     rewards_all = (trajectory.avg_reward if rewards is None else rewards).clone().float().to(tokens_all.device)
-    assert rewards_all.shape == (trajectory.batch_size,), rewards_all.shape
+    assert rewards_all.shape == (mine.total,), rewards_all.shape
+    rewards_all = rewards_all[mine.start:mine.stop]
     positions = trajectory.query_positions.to(tokens_all.device)
     M = positions.numel()
     if value_nll_weight:  # the same teacher-forced pass also predicts the values
@@ -148,7 +160,8 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory
     optimizer.zero_grad(set_to_none=True)
     for step_rows in index.split(step_sizes):
         finite = True
-        for mb in step_rows.split(training_batch_size):
+        held = step_rows[(step_rows >= mine.start) & (step_rows < mine.stop)] - mine.start  # this rank's rows
+        for mb in held.split(training_batch_size) if held.numel() else ():
             mb = mb.to(tokens_all.device)
             tokens, rewards_mb = tokens_all[mb], rewards_all[mb]
             reference = _reference_logits(model, trajectory, mb, tokens, positions[:M], params, previous, kl_reference)
@@ -167,6 +180,8 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory
                 sums[k] += 0.0 if term is None else term.item() * len(mb)
             micro_kl.append(terms.kl.item())
             finite = finite and math.isfinite(terms.loss.item())
+        ranks.sum_gradients(params)
+        finite = not ranks.any(not finite)
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
         if finite and math.isfinite(norm):
             optimizer.step()
@@ -176,6 +191,7 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory
         optimizer.zero_grad(set_to_none=True)
     model.eval()
     n = index.numel()
+    sums = dict(zip(sums, ranks.sum(list(sums.values()))))
     return UpdateResult(sums["loss"] / n, sums["policy_loss"] / n, sums["kl"] / n,
                         sum(norms) / len(norms) if norms else float("nan"), len(norms), skipped, micro_kl,
                         sums["value_nll"] / n if value_nll_weight else None)

@@ -1,17 +1,20 @@
 """A batch of trajectories held as tensors (SPEC.md §4.4's `Trajectory` and `TrajectoryStep`, batched),
 and the views derived from it: positions of queries and values in the final context, the pairs
 available at each step, the reward's split into adapter and query parts. Built by `rollout`; read by
-the update, the run directory, the evaluation and the accounting. Imports attnrl_core.data only.
+the update, the run directory, the evaluation and the accounting. Imports attnrl_core.data and
+.distributed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .data import KeyValueBatch
+from .distributed import Ranks
 
 
 @dataclass
@@ -58,6 +61,17 @@ class Trajectory:
                     for f in ("query_logits", "candidate_rewards")}
         return cls(**tensors, initial_length=first.initial_length, step_length=first.step_length,
                    query_offset=first.query_offset, batch=batch, **optional)
+
+    def gathered(self, batch: KeyValueBatch, ranks: Ranks) -> "Trajectory":
+        """The global batch `batch`'s trajectories, from every rank's rows of it (this one's own when there
+        is one rank): what the selection, the metrics and the records read. The policy's sampling logits
+        and the oracle's rewards stay on their rank (the update reads them there)."""
+        if ranks.world == 1:
+            return self
+        tensors = {f: ranks.gather_rows(getattr(self, f)) for f in _ROW_FIELDS}
+        batch = dataclasses.replace(batch, key_embeddings=ranks.gather_rows(self.batch.key_embeddings))
+        return Trajectory(**tensors, initial_length=self.initial_length, step_length=self.step_length,
+                          query_offset=self.query_offset, batch=batch)
 
     @property
     def batch_size(self) -> int:

@@ -1,0 +1,156 @@
+"""Data-parallel training (torchrun, gloo on the CPU): the same run whatever the number of processes.
+
+A two-process run, a one-process run of the same global batch, a two-process run killed and resumed
+by one process, and two one-process "nodes" meeting at a rendezvous on 127.0.0.1 must select the
+same trajectories and end with the same adapter. The learning rate is 1e-4: the ranks roll out
+batches of a different size, whose matrix products round differently (1e-7), and Adam's normalised
+first steps scale such a difference up to a fraction of the learning rate in a few weights (at 1e-3
+the largest difference was 4e-5, in 11 of 460,800 weights; one process with 1 or 2 threads differs
+by 2e-3 for the same reason).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from attnrl_core.distributed import Ranks, Rows, global_draw
+from attnrl_core.files import read_jsonl
+from attnrl_core.rollout import choose_pairs, rollout
+
+from attnrl_core.model import head_geometry
+
+from .conftest import SEP, make_batch, tiny_config
+from .killpoints import final_adapter, max_difference, wait_for_line
+
+ARGS = ["--preset", "embedded", "--generation_batch_size", "4", "--training_batch_size", "1", "--num_kv_pairs", "3",
+        "--tokens_per_key", "8", "--tokens_per_value", "8", "--tokens_per_query", "6", "--warmup_trajectories", "2",
+        "--filter_num_sd", "0", "--learning_rate", "1e-4", "--lora_dropout", "0", "--checkpoint_every", "1",
+        "--no_progress", "--num_episodes", "3", "--num_threads", "1"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]  # --multi_gpu: torchrun's launcher (gloo here)
+
+
+def _train(out, launcher: list[str] | None = None, via: list[str] = TORCHRUN, **popen) -> subprocess.Popen:
+    args = ["-m", "attnrl_core", "train", *ARGS, "--output_dir", str(out)]
+    cmd = [*via, *launcher, *args] if launcher else [sys.executable, *args]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
+
+
+def _finish(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err.decode()[-3000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _same_run(a, b) -> None:
+    """Same selection, rewards to 1e-5 and final adapter to 1e-5."""
+    ma, mb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
+    assert [m["episode"] for m in ma] == [m["episode"] for m in mb] == [1, 2, 3]
+    assert max(abs(x["reward"] - y["reward"]) for x, y in zip(ma, mb)) <= 1e-5
+    ta, tb = read_jsonl(a / "trajectories.jsonl"), read_jsonl(b / "trajectories.jsonl")
+    assert [t["selected"] for t in ta] == [t["selected"] for t in tb] and any(t["selected"] for t in ta)
+    assert [[s["pair"] for s in t["steps"]] for t in ta] == [[s["pair"] for s in t["steps"]] for t in tb]
+    assert max(abs(x["reward"] - y["reward"]) for x, y in zip(ta, tb)) <= 1e-5
+    assert max_difference(final_adapter(a, 3), final_adapter(b, 3)) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "one"
+    _finish(_train(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "two"
+    _finish(_train(out, ["--standalone", "--nproc_per_node", "2"]))
+    return out
+
+
+# -- the pieces, in one process --------------------------------------------------------------------
+def test_a_global_draw_sliced_is_the_whole_batch_draw():
+    def draw(m):
+        return torch.rand(m, 3, generator=torch.Generator().manual_seed(7))
+
+    whole = draw(8)  # two blocks of 4 rows (policy, base)
+    part = global_draw(4, Rows(1, 3, 4), draw)
+    assert torch.equal(part, torch.cat([whole[1:3], whole[5:7]]))
+    assert torch.equal(global_draw(8, None, draw), whole) and torch.equal(global_draw(8, Rows(0, 4, 4), draw), whole)
+
+
+def test_pair_choice_is_torch_multinomials_own_draw():
+    """A single process chooses exactly as `torch.multinomial` did before data parallelism."""
+    probs = torch.softmax(torch.randn(6, 9, generator=torch.Generator().manual_seed(0)), dim=1)
+    available = torch.ones(6, 9, dtype=torch.bool)
+    expected = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(3)).squeeze(1)
+    got, _ = choose_pairs(probs, available, "attention", False, torch.Generator().manual_seed(3))
+    assert torch.equal(got, expected)
+
+
+def test_rollout_of_a_batch_in_two_row_ranges_is_the_whole_rollout(policy):
+    cfg, sep, geo = tiny_config(), SEP, head_geometry(policy)
+    model, batch = policy, make_batch(policy, cfg)
+    B = batch.batch_size
+    kw = dict(tokens_per_query=cfg.tokens_per_query, generator=None)
+    torch.manual_seed(11)
+    whole = rollout(model, batch, sep, geo, **kw)
+    parts = []
+    for rows in (Ranks(0, 2).rows(B), Ranks(1, 2).rows(B)):
+        torch.manual_seed(11)  # every rank starts from the same state
+        parts.append(rollout(model, batch.rows(rows.start, rows.stop), sep, geo, global_rows=rows, **kw))
+    for field in ("queries", "counterfactuals", "choices"):
+        assert torch.equal(torch.cat([getattr(p, field) for p in parts]), getattr(whole, field)), field
+    torch.testing.assert_close(torch.cat([p.rewards for p in parts]), whole.rewards, atol=1e-5, rtol=0)
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused():
+    with pytest.raises(ValueError, match="does not split over 3 processes"):
+        Ranks(0, 3).rows(4)
+
+
+# -- whole runs under torchrun ---------------------------------------------------------------------
+def test_two_processes_run_the_one_process_run(one_process, two_processes):
+    _same_run(one_process, two_processes)
+    metrics = read_jsonl(two_processes / "metrics.jsonl")
+    assert all(m["tokens_per_second_per_device"] == pytest.approx(m["tokens_per_second"] / 2) for m in metrics)
+    assert json.loads((two_processes / "config.json").read_text())["generation_batch_size"] == 4
+
+
+def test_two_process_run_killed_and_resumed_by_one_process(one_process, tmp_path):
+    """Launched by `accelerate launch` (torchrun's is the test above), SIGKILLed after its first checkpoint."""
+    out = tmp_path / "killed"
+    proc = _train(out, ["--num_processes", "2", "--main_process_port", str(_free_port())], via=ACCELERATE,
+                  start_new_session=True)
+    wait_for_line(proc, "checkpoint episode-1 written")
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, as a lost machine would
+    proc.wait()
+    resume = subprocess.run([sys.executable, "-m", "attnrl_core", "train", "--resume", "--output_dir", str(out),
+                             "--no_progress"], capture_output=True, text=True, timeout=600)
+    assert resume.returncode == 0, resume.stderr[-3000:]
+    _same_run(one_process, out)
+
+
+def test_two_nodes_meeting_at_a_rendezvous(one_process, tmp_path):
+    out, port = tmp_path / "nodes", _free_port()
+    nodes = [_train(out, ["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank), "--master_addr",
+                          "127.0.0.1", "--master_port", str(port)]) for rank in (0, 1)]
+    for node in nodes:
+        _finish(node)
+    _same_run(one_process, out)
