@@ -69,6 +69,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def launch_training(cfg: TrainConfig, processes: int = 1, resume: bool = False) -> Path:
+    """Train `cfg` here, or data-parallel in `processes` processes started here (one per GPU, by
+    accelerate's `notebook_launcher`): for notebooks, where there is no torchrun. Before a multi-process
+    launch nothing may have initialised CUDA or imported bitsandbytes in this process (accelerate
+    refuses); this module and `config` import neither. Returns the run directory."""
+    if processes > 1:
+        from accelerate import notebook_launcher
+
+        notebook_launcher(_train_process, args=(cfg, resume), num_processes=processes)
+        return Path(cfg.output_dir)
+    from .run import train
+
+    return train(cfg, resume=resume)
+
+
+def _train_process(cfg: TrainConfig, resume: bool) -> None:
+    """One rank of `launch_training`'s processes (the launcher sets RANK and WORLD_SIZE)."""
+    from .run import train
+
+    train(cfg, resume=resume, progress=False)
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     """Build the embedded caches (model safetensors copy, Wikipedia parquet) and report the load times."""
     from .assets import embedded_dataset_file, embedded_model_dir

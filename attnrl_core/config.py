@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -234,3 +235,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "output_dir": "runs/embedded",
     },
 }
+
+
+def project_path(*parts: str) -> Path:
+    """A path in this checkout (runs/, figures/) whatever the working directory — notebooks run from
+    notebooks/ under nbmake and from anywhere under papermill. Falls back to the working directory."""
+    root = Path(__file__).resolve().parents[1]
+    return (root if (root / "pyproject.toml").is_file() else Path.cwd()).joinpath(*parts)
+
+
+def default_run_dir(preset: str) -> Path:
+    return project_path("runs", f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .checkpoint import latest_valid_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, default_run_dir, project_path  # noqa: F401 - the run's paths, read from here too
 from .diagnostics import key_cosine, query_distinct, selection_entropy, selection_top_ratio
 from .files import atomic_write_text, read_jsonl
 
@@ -144,17 +144,6 @@ def trajectory_records(traj: "Trajectory", tokenizer, episode: int, selected: to
              "steps": [{"step": t, **{k: v[b * P + t] for k, v in text.items()},
                         **{k: v[b][t] for k, v in numbers.items()}} for t in range(P)]}
             for b in range(B)]
-
-
-def project_path(*parts: str) -> Path:
-    """A path in this checkout (runs/, figures/) whatever the working directory — notebooks run from
-    notebooks/ under nbmake and from anywhere under papermill. Falls back to the working directory."""
-    root = Path(__file__).resolve().parents[1]
-    return (root if (root / "pyproject.toml").is_file() else Path.cwd()).joinpath(*parts)
-
-
-def default_run_dir(preset: str) -> Path:
-    return project_path("runs", f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def write_config(run_dir: Path, cfg: TrainConfig) -> None:
