@@ -127,6 +127,17 @@ class Ranks:
         if states[1] is not None:
             torch.cuda.set_rng_state(states[1], device)
 
+    def agree(self, value, what: str) -> None:
+        """Stop, on every rank, with one line naming `what` when the ranks do not all hold the same `value`
+        (a checkpoint chosen from a stale view of the run directory, a different dataset on another machine)."""
+        if self.world == 1:
+            return
+        values = [None] * self.world
+        dist.all_gather_object(values, value)
+        if any(v != values[0] for v in values):
+            raise ValueError(f"the processes disagree on {what} ({', '.join(f'rank {i}: {v}' for i, v in enumerate(values))}): "
+                             "give every machine the same files, with --output_dir on a filesystem they share")
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
@@ -141,17 +152,26 @@ def launched_ranks() -> Ranks:
     return Ranks(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def start(ranks: Ranks, device_type: str, timeout_s: float = 600) -> None:
-    """Join the process group (NCCL on GPUs, gloo on the CPU) when there is more than one rank. A rank
-    that waits longer than `timeout_s` for the others fails instead of waiting silently."""
+TIMEOUT_S = 1800  # the longest a rank waits for the others in one collective: rank 0's evaluation, a slow model load
+
+
+def start(ranks: Ranks, device_type: str, timeout_s: float = TIMEOUT_S) -> bool:
+    """Join the process group (NCCL on GPUs, gloo on the CPU) when there is more than one rank; True when
+    this call created it (and `stop` should end it). A rank that waits longer than `timeout_s` for the
+    others fails instead of waiting silently."""
     if ranks.world == 1 or dist.is_initialized():
-        return
+        return False
     if device_type == "cuda":
+        if ranks.local_rank >= torch.cuda.device_count():
+            raise ValueError(f"process {ranks.rank} has LOCAL_RANK {ranks.local_rank} but sees "
+                             f"{torch.cuda.device_count()} GPU(s): start at most one process per visible GPU")
         torch.cuda.set_device(ranks.local_rank)
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
                             timeout=datetime.timedelta(seconds=timeout_s))
+    return True
 
 
-def stop(ranks: Ranks) -> None:
-    if ranks.world > 1 and dist.is_initialized():
+def stop(created: bool) -> None:
+    """End the process group if `start` created it."""
+    if created and dist.is_initialized():
         dist.destroy_process_group()

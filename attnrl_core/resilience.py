@@ -103,9 +103,10 @@ def update_resilient(model, optimizer, trajectory, selected, state: FallbackStat
             if not is_out_of_memory(e):
                 raise
             if kwargs.get("ranks") is not None and kwargs["ranks"].world > 1:
-                raise RuntimeError(f"out of memory in a data-parallel update ({describe_hardware()}): the ranks cannot "
-                                   f"retry in step; lower --training_batch_size (now {state.micro_batch}) and "
-                                   "resume") from e
+                raise RuntimeError(
+                    f"out of memory in a data-parallel update ({describe_hardware()}): the processes cannot retry in "
+                    f"step; in the run's config.json halve training_batch_size (now {state.micro_batch}) and double "
+                    f"gradient_accumulation_steps (the same optimizer step), then --resume") from e
             optimizer.zero_grad(set_to_none=True)
             load_values(params, saved_params)
             optimizer.load_state_dict(saved_optimizer)

@@ -72,6 +72,9 @@ def choose_pairs(probs: torch.Tensor, available: torch.Tensor, selector: str, gr
         raise ValueError(f"selector {selector!r} is unknown: use attention, random or natural")
     if greedy or selector == "natural":
         return probs.argmax(dim=1), probs
+    if not bool(((probs >= 0) & torch.isfinite(probs)).all()):  # the check torch.multinomial made
+        raise ValueError("the selection distribution holds a negative or non-finite probability: lower the learning "
+                         "rate or use dtype float32")
     q = global_draw(probs.shape[0], rows, lambda m: torch.empty(m, *probs.shape[1:], dtype=probs.dtype,
                                                                  device=probs.device).exponential_(generator=generator))
     return (probs / q).argmax(dim=1), probs

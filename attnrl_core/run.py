@@ -9,6 +9,7 @@ trajectories, and logs; the run directory's format is `rundir`'s. Imports attnrl
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import signal
 import threading
@@ -115,11 +116,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     out, ckpt, device, tokenizer = validate_inputs(cfg, resume)
     device = torch.device("cuda", ranks.local_rank) if device.type == "cuda" and ranks.world > 1 else device
     ranks.rows(cfg.generation_batch_size)  # refuses a batch that does not split, before the group is joined
-    distributed.start(ranks, device.type)
+    created = distributed.start(ranks, device.type)
     try:
+        ranks.agree(ckpt and ckpt.name, "the checkpoint to resume from")
         return _train(cfg, ranks, out, ckpt, device, tokenizer, progress)
     finally:
-        distributed.stop(ranks)
+        distributed.stop(created)
 
 
 def _train(cfg: TrainConfig, ranks: Ranks, out: Path, ckpt: Path | None, device: torch.device, tokenizer,
@@ -201,7 +203,10 @@ def _rank_batches(cfg: TrainConfig, tokenizer, embed, start: DataPosition, ranks
         for batch in iter_key_value_batches(cfg, tokenizer, embed, start=start):
             yield batch, batch
         return
-    for batch in iter_key_value_batches(cfg, tokenizer, None, start=start):
+    for i, batch in enumerate(iter_key_value_batches(cfg, tokenizer, None, start=start)):
+        if i == 0:  # the same articles and pools on every rank, or the gathered records would mix batches
+            ranks.agree(hashlib.sha256(batch.key_tokens.numpy().tobytes() + batch.pool.numpy().tobytes()).hexdigest()[:16],
+                        "the first batch's articles and pools")
         rows = ranks.rows(batch.batch_size)
         yield batch, next(add_embeddings([batch.rows(rows.start, rows.stop)], embed))
 

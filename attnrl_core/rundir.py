@@ -65,11 +65,13 @@ METRICS = {
     "tokens_per_second": "tokens read by the model (rollout + update, all processes) per second",
     "tokens_per_second_per_device": "tokens_per_second / the number of processes (devices) of a data-parallel run: "
                                     "the figure other RL trainers report",
-    "peak_memory_bytes": "peak CUDA memory allocated (GPU) or peak resident set size (CPU)",
-    "rollout_chunk": "trajectories rolled out together (below generation_batch_size after an out-of-memory)",
+    "peak_memory_bytes": "peak CUDA memory allocated (GPU) or peak resident set size (CPU); process 0's in a "
+                         "data-parallel run",
+    "rollout_chunk": "trajectories rolled out together (below generation_batch_size after an out-of-memory); per "
+                     "process in a data-parallel run (generation_batch_size / processes at most)",
     "micro_batch": "update micro-batch size in use (halved, with accumulation doubled, after an out-of-memory)",
     "accumulation": "micro-batches accumulated per optimizer step in use (doubled after an update out-of-memory)",
-    "oom_events": "out-of-memory events survived so far",
+    "oom_events": "out-of-memory events survived so far (process 0's in a data-parallel run)",
     "selection_entropy": "mean over trajectories and steps of the selection distribution's entropy / log(pairs left): "
                          "1 = uniform (the query does not steer), 0 = deterministic; steps with one pair left excluded",
     "selection_top_ratio": "mean of (largest selection probability x pairs left): 1 = uniform, larger = peaked",

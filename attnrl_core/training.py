@@ -106,7 +106,7 @@ class UpdateResult:
     grad_norm: float
     optimizer_steps: int
     skipped_steps: int  # steps whose loss or gradient was not finite (no update made)
-    micro_batch_kl: list[float]  # KL term of each micro-batch in order (the first is ~0: previous = current)
+    micro_batch_kl: list[float]  # KL term of each micro-batch in order (the first is ~0: previous = current); this rank's
     value_nll: float | None = None  # mean value NLL of the selected trajectories (when value_nll_weight > 0)
 
 
@@ -135,7 +135,8 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory
     reward); the other keywords are the research levers of the module docstring.
 
     With `ranks`, `trajectory` holds this rank's rows of the global batch and `selected` and `rewards`
-    are the global batch's [B_global]; the result's figures are the global batch's.
+    are the global batch's [B_global]; the result's figures are the global batch's (but the micro-batch
+    KLs, which are this rank's).
     """
     ranks = ranks or Ranks()
     index = selected.nonzero().squeeze(1).cpu()  # rows of the global batch

@@ -12,17 +12,18 @@ by 2e-3 for the same reason).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
 
+import psutil
 import pytest
 import torch
 
 from attnrl_core.distributed import Ranks, Rows, global_draw
 from attnrl_core.files import read_jsonl
+from attnrl_core.resilience import FallbackState, rollout_resilient
 from attnrl_core.rollout import choose_pairs, rollout
 
 from attnrl_core.model import head_geometry
@@ -30,7 +31,8 @@ from attnrl_core.model import head_geometry
 from .conftest import SEP, make_batch, tiny_config
 from .killpoints import final_adapter, max_difference, wait_for_line
 
-ARGS = ["--preset", "embedded", "--generation_batch_size", "4", "--training_batch_size", "1", "--num_kv_pairs", "3",
+# A micro-batch of 4: an optimizer step holds trajectories of both processes, so the weighting across them counts
+ARGS = ["--preset", "embedded", "--generation_batch_size", "4", "--training_batch_size", "4", "--num_kv_pairs", "3",
         "--tokens_per_key", "8", "--tokens_per_value", "8", "--tokens_per_query", "6", "--warmup_trajectories", "2",
         "--filter_num_sd", "0", "--learning_rate", "1e-4", "--lora_dropout", "0", "--checkpoint_every", "1",
         "--no_progress", "--num_episodes", "3", "--num_threads", "1"]
@@ -59,10 +61,17 @@ def _free_port() -> int:
 
 
 def _same_run(a, b) -> None:
-    """Same selection, rewards to 1e-5 and final adapter to 1e-5."""
+    """Same selection, rewards to 1e-5, the same update (loss, KL, gradient norm, tokens read) and final
+    adapter to 1e-5."""
     ma, mb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
     assert [m["episode"] for m in ma] == [m["episode"] for m in mb] == [1, 2, 3]
     assert max(abs(x["reward"] - y["reward"]) for x, y in zip(ma, mb)) <= 1e-5
+    for key in ("loss", "policy_loss", "kl", "grad_norm", "optimizer_steps", "selected"):  # None: nothing selected
+        x, y = [m[key] for m in ma], [m[key] for m in mb]
+        assert [v is None for v in x] == [v is None for v in y], key
+        assert [v for v in x if v is not None] == pytest.approx([v for v in y if v is not None], rel=1e-4, abs=1e-6), key
+    tokens = [[round(m["tokens_per_second"] * m["seconds"]) for m in ms] for ms in (ma, mb)]
+    assert tokens[0] == tokens[1]
     ta, tb = read_jsonl(a / "trajectories.jsonl"), read_jsonl(b / "trajectories.jsonl")
     assert [t["selected"] for t in ta] == [t["selected"] for t in tb] and any(t["selected"] for t in ta)
     assert [[s["pair"] for s in t["steps"]] for t in ta] == [[s["pair"] for s in t["steps"]] for t in tb]
@@ -120,6 +129,24 @@ def test_rollout_of_a_batch_in_two_row_ranges_is_the_whole_rollout(policy):
     torch.testing.assert_close(torch.cat([p.rewards for p in parts]), whole.rewards, atol=1e-5, rtol=0)
 
 
+def test_an_out_of_memory_chunked_rollout_is_the_whole_rollout(policy):
+    """Chunks of one row (the rollout's out-of-memory fallback) draw what the whole batch draws, and leave
+    the generator where the whole rollout leaves it."""
+    cfg, geo = tiny_config(), head_geometry(policy)
+    batch = make_batch(policy, cfg)
+    runs = []
+    for chunk in (batch.batch_size, 1):
+        torch.manual_seed(5)
+        traj = rollout_resilient(policy, batch, SEP, geo, FallbackState(chunk, 1, 1), str,
+                                 tokens_per_query=cfg.tokens_per_query)
+        runs.append((traj, torch.rand(1)))
+    (whole, after_whole), (chunked, after_chunked) = runs
+    for field in ("queries", "counterfactuals", "choices"):
+        assert torch.equal(getattr(chunked, field), getattr(whole, field)), field
+    torch.testing.assert_close(chunked.rewards, whole.rewards, atol=1e-5, rtol=0)
+    assert torch.equal(after_chunked, after_whole)
+
+
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused():
     with pytest.raises(ValueError, match="does not split over 3 processes"):
         Ranks(0, 3).rows(4)
@@ -128,6 +155,10 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused():
 # -- whole runs under torchrun ---------------------------------------------------------------------
 def test_two_processes_run_the_one_process_run(one_process, two_processes):
     _same_run(one_process, two_processes)
+    # some optimizer step held trajectories of both processes (rows 0-1 are process 0's, 2-3 process 1's)
+    chosen = [[t["trajectory"] for t in read_jsonl(two_processes / "trajectories.jsonl")
+               if t["episode"] == e and t["selected"]] for e in (1, 2, 3)]
+    assert any(min(rows) < 2 <= max(rows) for rows in chosen if rows), chosen
     metrics = read_jsonl(two_processes / "metrics.jsonl")
     assert all(m["tokens_per_second_per_device"] == pytest.approx(m["tokens_per_second"] / 2) for m in metrics)
     assert json.loads((two_processes / "config.json").read_text())["generation_batch_size"] == 4
@@ -136,14 +167,18 @@ def test_two_processes_run_the_one_process_run(one_process, two_processes):
 def test_two_process_run_killed_and_resumed_by_one_process(one_process, tmp_path):
     """Launched by `accelerate launch` (torchrun's is the test above), SIGKILLed after its first checkpoint."""
     out = tmp_path / "killed"
-    proc = _train(out, ["--num_processes", "2", "--main_process_port", str(_free_port())], via=ACCELERATE,
-                  start_new_session=True)
+    proc = _train(out, ["--num_processes", "2", "--main_process_port", str(_free_port())], via=ACCELERATE)
     wait_for_line(proc, "checkpoint episode-1 written")
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, as a lost machine would
-    proc.wait()
+    # the launcher and both ranks, as a lost machine would (torchrun puts its ranks in sessions of their own)
+    everyone = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+    for p in everyone:
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(everyone, timeout=60)
+    assert len(read_jsonl(out / "metrics.jsonl")) < 3, "killed too late to test anything"
     resume = subprocess.run([sys.executable, "-m", "attnrl_core", "train", "--resume", "--output_dir", str(out),
                              "--no_progress"], capture_output=True, text=True, timeout=600)
     assert resume.returncode == 0, resume.stderr[-3000:]
+    assert "resuming" in resume.stderr and "episode 3/3" in resume.stderr, resume.stderr[-3000:]
     _same_run(one_process, out)
 
 

@@ -19,7 +19,8 @@ from .killpoints import wait_for_line
 
 SMALL = ["--preset", "embedded", "--generation_batch_size", "2", "--training_batch_size", "1", "--num_kv_pairs", "3",
          "--tokens_per_key", "8", "--tokens_per_value", "8", "--tokens_per_query", "6", "--warmup_trajectories", "2",
-         "--filter_num_sd", "0", "--learning_rate", "1e-3", "--checkpoint_every", "1", "--no_progress"]
+         "--filter_num_sd", "0", "--learning_rate", "1e-3", "--checkpoint_every", "1", "--no_progress",
+         "--num_threads", "1"]  # fixed: an automatic count follows the processes running beside, and sums with it
 
 
 def _adapter(run_dir: Path, episode: int) -> dict:
