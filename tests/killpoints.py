@@ -5,7 +5,7 @@ in this process and SIGKILLs it at the COUNT-th occurrence of POINT (no cleanup,
 or an out-of-memory killer would):
 
   load            the model is being loaded (`from_pretrained`)
-  rollout         a rollout is choosing a pair (`torch.multinomial`)
+  rollout         a rollout is choosing a pair (`rollout.choose_pairs`)
   update          an update has just computed a gradient (`Tensor.backward`)
   write:NAME      a file whose name contains NAME is being written: half of the first write reaches
                   the file, then the process dies (a torn log line, a half-written config or checkpoint)
@@ -93,16 +93,16 @@ def arm(point: str, count: int) -> None:
 
         transformers.AutoModelForCausalLM.from_pretrained = classmethod(from_pretrained)
     elif point == "rollout":
-        import torch
+        from attnrl_core import rollout
 
-        real_multinomial = torch.multinomial
+        real_choose = rollout.choose_pairs
 
-        def multinomial(*args, **kwargs):
+        def choose_pairs(*args, **kwargs):
             if hit():
                 _die()
-            return real_multinomial(*args, **kwargs)
+            return real_choose(*args, **kwargs)
 
-        torch.multinomial = multinomial
+        rollout.choose_pairs = choose_pairs
     elif point == "update":
         import torch
 
