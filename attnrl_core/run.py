@@ -198,13 +198,10 @@ def _train(cfg: TrainConfig, ranks: Ranks, out: Path, ckpt: Path | None, device:
 
 def _rank_batches(cfg: TrainConfig, tokenizer, embed, start: DataPosition, ranks: Ranks):
     """(global batch, this rank's rows of it with their key embeddings) per episode. Every rank reads the
-    whole batch (articles and pools, the same on all), and embeds only its own rows."""
-    if ranks.world == 1:
-        for batch in iter_key_value_batches(cfg, tokenizer, embed, start=start):
-            yield batch, batch
-        return
+    whole batch (articles and pools, the same on all), and embeds only its own rows (all of them when
+    there is one rank)."""
     for i, batch in enumerate(iter_key_value_batches(cfg, tokenizer, None, start=start)):
-        if i == 0:  # the same articles and pools on every rank, or the gathered records would mix batches
+        if i == 0 and ranks.world > 1:  # the same articles and pools on every rank, or the records would mix batches
             ranks.agree(hashlib.sha256(batch.key_tokens.numpy().tobytes() + batch.pool.numpy().tobytes()).hexdigest()[:16],
                         "the first batch's articles and pools")
         rows = ranks.rows(batch.batch_size)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .checkpoint import latest_valid_checkpoint
-from .config import TrainConfig, default_run_dir, project_path  # noqa: F401 - the run's paths, read from here too
+from .config import TrainConfig
 from .diagnostics import key_cosine, query_distinct, selection_entropy, selection_top_ratio
 from .files import atomic_write_text, read_jsonl
 
