@@ -105,8 +105,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, format_report
 
+    # progress goes to stderr, so `--json`'s last stdout line stays the report
     report = evaluate(args.run_dir, args.checkpoint, args.num_articles, args.seed, args.samples_per_article,
-                      args.windows_per_article, progress=not args.json)
+                      args.windows_per_article, progress=not args.no_progress)
     print(format_report(report))
     print(f"written: {args.run_dir}/eval/{report['checkpoint']}.json and .png")
     if args.json:
@@ -128,8 +129,12 @@ def _cmd_learning_check(args: argparse.Namespace) -> int:
         verdict = "rises clearly (z > 2)" if fig["z"] > 2 else "does not rise clearly (z <= 2)"
         print(f"{run_dir}: {fig['episodes']} episodes; mean batch reward of the first {fig['window']} "
               f"{fig['first_mean']:+.4f} ± {fig['first_se']:.4f}, of the last {fig['window']} {fig['last_mean']:+.4f} "
-              f"± {fig['last_se']:.4f}; difference {fig['difference']:+.4f} ± {fig['se']:.4f}, z = {fig['z']:+.2f}: "
-              f"the reward {verdict}")
+              f"± {fig['last_se']:.4f}; difference {fig['difference']:+.4f} ± {fig['se']:.4f}, z = {fig['z']:+.2f} "
+              f"(episodes as independent draws): the reward {verdict}")
+        trend = "rises" if fig["t_hac"] > 0 and fig["p_hac"] < 0.05 else (
+            "falls" if fig["p_hac"] < 0.05 else "shows no clear trend")
+        print(f"  trend, robust to correlated episodes: {fig['slope']:+.5f} per episode ± {fig['slope_se_hac']:.5f} "
+              f"(EWC, t with {fig['hac_dof']} df) = {fig['t_hac']:+.2f}, p = {fig['p_hac']:.3f}: the reward {trend}")
     if args.figure:
         from .experiment import plot_experiment
 
@@ -144,7 +149,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     from .experiment import format_summary, run_experiment
 
     summary = run_experiment(args.file, args.output_dir, args.parallel)
-    print(format_summary(summary))
+    print(format_summary(summary, markdown=args.markdown))
     return 0
 
 
@@ -169,6 +174,18 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def _count_or_all(text: str) -> int:
+    if text == "all":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer or 'all'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 0")
     return value
 
 
@@ -199,12 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="compare a trained policy with baselines on held-out articles")
     ev.add_argument("--run_dir", required=True, help="run directory to evaluate")
     ev.add_argument("--checkpoint", type=int, default=None, help="episode of the checkpoint (default: latest valid)")
-    ev.add_argument("--num_articles", type=_positive, default=16, help="held-out articles to score")
+    ev.add_argument("--num_articles", type=_count_or_all, default=16,
+                    help="held-out articles to score, in the held-out order that no training seed changes (0 or all: "
+                         "every one of a local corpus)")
     ev.add_argument("--seed", type=int, default=0, help="seed of every method's generator (the same for all)")
     ev.add_argument("--samples_per_article", type=_positive, default=4, help="rollouts per held-out unit and method")
     ev.add_argument("--windows_per_article", type=_positive, default=4,
                     help="non-overlapping windows per held-out article, where it is long enough (each a unit)")
     ev.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
+    ev.add_argument("--no_progress", action="store_true", help="no progress bar (it goes to stderr)")
     ev.set_defaults(func=_cmd_evaluate)
     check = sub.add_parser("learning_check", help="does a run's training reward rise? (first vs last episodes, z)",
                            description="The overfit check's figure: train with --max_train_articles 8 (see "
@@ -221,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("file", help="experiment file, e.g. experiments/first.yaml")
     exp.add_argument("--output_dir", default=None, help="where the runs go (default: runs/experiments/NAME)")
     exp.add_argument("--parallel", type=_positive, default=2, help="runs trained at once (each a process)")
+    exp.add_argument("--markdown", action="store_true",
+                     help="print the tables as markdown (EXPERIMENTS.md's; finished runs are only read)")
     exp.set_defaults(func=_cmd_experiment)
     bench = sub.add_parser("bench", help="measure rollout/update throughput against a naive path and the hardware")
     bench.add_argument("--preset", choices=["embedded", "llama-3.2-3b-shape"], default="embedded",

@@ -130,6 +130,18 @@ def is_heldout(article_id, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
+def iter_heldout_articles(cfg: TrainConfig) -> Iterator[dict]:
+    """The held-out split in an order that depends only on the corpus and `eval_fraction`, never on the
+    training seed, so runs of every seed are scored on the same articles: a local corpus (which training
+    reshuffles by seed) ordered by the SHA-256 of the article id; the Hub's stream, which is never
+    shuffled, in its own order."""
+    articles = iter_wikipedia_articles(cfg, split="eval", passes=1)
+    if is_local_corpus(cfg):
+        yield from sorted(articles, key=lambda a: hashlib.sha256(f"order:{a['id']}".encode()).digest())
+    else:
+        yield from articles
+
+
 def iter_wikipedia_articles(cfg: TrainConfig, start: DataPosition | None = None,
                             position: DataPosition | None = None, split: str = "train",
                             passes: int | None = None) -> Iterator[dict]:

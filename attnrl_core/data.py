@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
-from .corpus import DataPosition, iter_wikipedia_articles
+from .corpus import DataPosition, is_local_corpus, iter_heldout_articles, iter_wikipedia_articles
 
 QUERY_SEPARATOR = " Query:"
 RESPONSE_SEPARATOR = " Response:"
@@ -175,6 +175,18 @@ def long_articles(cfg: TrainConfig, tokenizer, split: str = "train", min_tokens:
     articles = iter_wikipedia_articles(cfg, start=start, position=position, split=split, passes=passes)
     return tokenize_articles(articles, tokenizer, min_tokens or cfg.min_article_tokens, cfg.max_scan_articles,
                              batch_size=1, max_tokens=max_tokens)
+
+
+def heldout_articles(cfg: TrainConfig, tokenizer, num_articles: int,
+                     max_tokens: int | None = None) -> list[tuple[dict, torch.Tensor]]:
+    """The first `num_articles` (0: every one) long-enough held-out articles, in the seed-independent order
+    of `corpus.iter_heldout_articles`, with up to `max_tokens` tokens each."""
+    if num_articles == 0 and not is_local_corpus(cfg):
+        raise ValueError(f"{cfg.dataset_name} is streamed: its held-out split cannot be read whole; give "
+                         "--num_articles a number")
+    tokenized = tokenize_articles(iter_heldout_articles(cfg), tokenizer, cfg.min_article_tokens,
+                                  cfg.max_scan_articles, batch_size=1, max_tokens=max_tokens)
+    return list(itertools.islice(tokenized, num_articles or None))
 
 
 def iter_key_value_batches(cfg: TrainConfig, tokenizer, embed_fn: Callable[[torch.Tensor], torch.Tensor] | None,

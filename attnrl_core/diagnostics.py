@@ -2,7 +2,10 @@
 
 The selection diagnostics summarise how peaked the policy's distribution over keys is, how
 similar the keys in a pool are and how varied the generated queries are; the paired
-statistics give bootstrap intervals for per-unit comparisons between two methods. This
+statistics give bootstrap intervals for per-unit comparisons between two methods, resampling
+clusters (a unit's article) rather than units when units of one article are not independent;
+the learning check's figures compare a run's first and last episodes and test its trend with an
+autocorrelation-robust standard error. This
 module imports nothing from attnrl_core, so it can be used on saved tensors or arrays
 without loading a model or a configuration.
 """
@@ -13,6 +16,7 @@ import math
 
 import numpy as np
 import torch
+from scipy import stats
 from torch import Tensor
 
 
@@ -108,38 +112,65 @@ def _resample_indices(units: int, num_samples: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, units, size=(num_samples, units))
 
 
-def bootstrap_ci(values: np.ndarray, num_samples: int = 2000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of values [U] or [U, ...], resampling units."""
-    arr = np.asarray(values, dtype=np.float64)
-    _require(arr.ndim >= 1 and arr.shape[0] > 0, "values is empty")
+def _cluster_weights(clusters, units: int, num_samples: int, seed: int) -> np.ndarray:
+    """[num_samples, units] how often each unit enters a bootstrap replicate that resamples *clusters*
+    (every unit of a drawn cluster comes with it). `clusters` [U] labels each unit (e.g. its article);
+    None = every unit its own cluster, which is the plain unit bootstrap with the same draws."""
+    labels = np.arange(units) if clusters is None else np.asarray(clusters)
+    _require(labels.shape == (units,), f"clusters must label each of the {units} units, got shape {labels.shape}")
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    # clusters numbered in order of first appearance: with one unit each, cluster k is unit k, so the
+    # draws (and the interval) are exactly the unit bootstrap's
+    order = np.empty(first.shape[0], dtype=np.int64)
+    order[np.argsort(first)] = np.arange(first.shape[0])
+    cluster_of = order[inverse.reshape(-1)]  # [U] in 0..C-1
+    num_clusters = first.shape[0]
+    draws = _resample_indices(num_clusters, num_samples, seed)  # [S, C] cluster indices
+    counts = np.zeros((num_samples, num_clusters))
+    np.add.at(counts, (np.arange(num_samples)[:, None], draws), 1.0)
+    return counts[:, cluster_of]  # [S, U]
+
+
+def _percentile_ci(replicates: np.ndarray, level: float) -> tuple[float, float]:
     _require(0.0 < level < 1.0, f"level must be in (0, 1), got {level}")
-    # Every unit has the same number of trailing entries, so averaging each unit first gives
-    # the same resampled means while keeping memory at [num_samples, U].
-    per_unit = arr.reshape(arr.shape[0], -1).mean(axis=1)
-    means = per_unit[_resample_indices(per_unit.shape[0], num_samples, seed)].mean(axis=1)
     tail = 100.0 * (1.0 - level) / 2.0
-    lo, hi = np.percentile(means, [tail, 100.0 - tail])
+    lo, hi = np.percentile(replicates, [tail, 100.0 - tail])
     return float(lo), float(hi)
 
 
-def paired_difference(a: np.ndarray, b: np.ndarray, num_samples: int = 2000,
-                      seed: int = 0) -> dict:
-    """Mean of a - b with a bootstrap CI over units; a, b [U] with the same shape."""
+def bootstrap_ci(values: np.ndarray, num_samples: int = 2000, seed: int = 0, level: float = 0.95,
+                 clusters=None) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of values [U] or [U, ...] over units.
+
+    With `clusters` [U] (each unit's article), whole clusters are resampled with all their units: windows
+    of one article are not independent draws, and resampling them as if they were understates the
+    interval's width. Without it, or with one unit per cluster, it is the unit bootstrap."""
+    arr = np.asarray(values, dtype=np.float64)
+    _require(arr.ndim >= 1 and arr.shape[0] > 0, "values is empty")
+    # Every unit has the same number of trailing entries, so averaging each unit first gives the same means.
+    per_unit = arr.reshape(arr.shape[0], -1).mean(axis=1)
+    weights = _cluster_weights(clusters, per_unit.shape[0], num_samples, seed)  # [S, U]
+    return _percentile_ci(weights @ per_unit / weights.sum(axis=1), level)
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, num_samples: int = 2000, seed: int = 0,
+                      clusters=None) -> dict:
+    """Mean of a - b with a bootstrap CI (over `clusters` when given: see `bootstrap_ci`); a, b [U]."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     _require(a.shape == b.shape, f"a and b must have the same shape, got {a.shape} and {b.shape}")
     _require(a.ndim >= 1 and a.shape[0] > 0, "a and b are empty")
     diff = a - b
-    lo, hi = bootstrap_ci(diff, num_samples=num_samples, seed=seed)
-    return {"mean": float(diff.mean()), "ci": [lo, hi], "units": int(diff.shape[0])}
+    lo, hi = bootstrap_ci(diff, num_samples=num_samples, seed=seed, clusters=clusters)
+    return {"mean": float(diff.mean()), "ci": [lo, hi], "units": int(diff.shape[0]),
+            "articles": int(diff.shape[0] if clusters is None else len(set(np.asarray(clusters).tolist())))}
 
 
 def oracle_fraction(chosen: np.ndarray, mean: np.ndarray, best: np.ndarray,
-                    num_samples: int = 2000, seed: int = 0) -> dict:
-    """Σ(chosen - mean) / Σ(best - mean) over units [U], with a bootstrap CI over units.
+                    num_samples: int = 2000, seed: int = 0, clusters=None) -> dict:
+    """Σ(chosen - mean) / Σ(best - mean) over units [U], with a bootstrap CI (over `clusters` when given).
 
-    0 = no better than a uniformly random choice, 1 = the oracle; nan if Σ(best - mean) = 0.
+    0 = no better than a uniformly random choice, 1 = the per-step oracle; nan if Σ(best - mean) = 0.
     """
     arrays = [np.asarray(x, dtype=np.float64) for x in (chosen, mean, best)]
     chosen_a, mean_a, best_a = arrays
@@ -152,21 +183,34 @@ def oracle_fraction(chosen: np.ndarray, mean: np.ndarray, best: np.ndarray,
     # otherwise dominate with an arbitrarily large per-unit ratio.
     total = spread.sum()
     fraction = float(gain.sum() / total) if total != 0 else float("nan")
-    idx = _resample_indices(gain.shape[0], num_samples, seed)
-    num, den = gain[idx].sum(axis=1), spread[idx].sum(axis=1)
+    weights = _cluster_weights(clusters, gain.shape[0], num_samples, seed)  # [S, U]
+    num, den = weights @ gain, weights @ spread
     keep = den != 0
-    if keep.any():
-        lo, hi = np.percentile(num[keep] / den[keep], [2.5, 97.5])
-        ci = [float(lo), float(hi)]
-    else:
-        ci = [math.nan, math.nan]
+    ci = list(_percentile_ci(num[keep] / den[keep], 0.95)) if keep.any() else [math.nan, math.nan]
     return {"fraction": fraction, "ci": ci, "best": float(best_a.mean()),
-            "mean": float(mean_a.mean()), "chosen": float(chosen_a.mean())}
+            "mean": float(mean_a.mean()), "chosen": float(chosen_a.mean()), "units": int(gain.shape[0]),
+            "articles": int(gain.shape[0] if clusters is None else len(set(np.asarray(clusters).tolist())))}
+
+
+def articles_for_half_width(differences: np.ndarray, clusters, target: float = 0.01, level_z: float = 1.96) -> dict:
+    """Power of a paired comparison: from per-unit differences [U] and their articles, the between-article
+    SD of the per-article mean difference and how many articles (at the same windows and samples each) a
+    95% half-width of `target` needs: n = (z * SD / target)^2. None when fewer than 2 articles."""
+    d = np.asarray(differences, dtype=np.float64)
+    labels = np.asarray(clusters)
+    _require(d.ndim == 1 and labels.shape == d.shape, "differences and clusters must be [U] each")
+    per_article = np.array([d[labels == c].mean() for c in np.unique(labels)])
+    if per_article.size < 2:
+        return {"between_article_sd": None, "articles_needed": None, "target_half_width": target}
+    sd = float(per_article.std(ddof=1))
+    return {"between_article_sd": sd, "articles_needed": max(2, int(math.ceil((level_z * sd / target) ** 2))),
+            "target_half_width": target, "articles": int(per_article.size)}
 
 
 def learning_figure(rewards, window: int = 20) -> dict:
     """The overfit check's figure: mean batch reward of the last `window` episodes minus that of the first,
-    its standard error (episodes as independent draws) and z = difference / SE. `rewards` [E] per episode,
+    its standard error (episodes as independent draws) and z = difference / SE; beside it the trend's
+    t_hac (`trend_hac`), which does not assume independent episodes. `rewards` [E] per episode,
     None or NaN where an episode had none (skipped). Rises "clearly" when z > 2."""
     r = np.asarray([np.nan if x is None else x for x in rewards], dtype=np.float64)
     _require(r.ndim == 1, "rewards must be a sequence of per-episode rewards")
@@ -179,4 +223,33 @@ def learning_figure(rewards, window: int = 20) -> dict:
     diff = float(last.mean() - first.mean())
     return {"episodes": int(r.shape[0]), "window": window, "first_mean": float(first.mean()), "first_se": se_first,
             "last_mean": float(last.mean()), "last_se": se_last, "difference": diff, "se": se,
-            "z": diff / se if se > 0 else math.nan}
+            "z": diff / se if se > 0 else math.nan, **trend_hac(r)}
+
+
+def trend_hac(rewards) -> dict:
+    """The reward's linear trend over episodes with an autocorrelation-robust standard error.
+
+    A drifting policy makes neighbouring episodes' rewards correlated, so the first-vs-last z, which
+    treats episodes as independent, is too large. This fits reward = a + slope * episode by least squares
+    and estimates the slope's long-run variance with the equal-weighted cosine (EWC) estimator of Lazarus,
+    Lewis, Stock and Watson (2018): B = ceil(0.4 n^(2/3)) cosine projections of the slope's score, whose
+    t statistic has a Student t distribution with B degrees of freedom, so the test keeps its size for
+    persistent series. `rewards` [E] per episode, NaN where skipped (dropped). Returns the slope per
+    episode, its SE, t_hac = slope / SE, the degrees of freedom and the two-sided p-value."""
+    r = np.asarray([np.nan if x is None else x for x in rewards], dtype=np.float64)
+    x = np.arange(r.shape[0], dtype=np.float64)[np.isfinite(r)]
+    y = r[np.isfinite(r)]
+    n = y.shape[0]
+    _require(n >= 4, "fewer than 4 finite rewards: too few for a trend")
+    xc = x - x.mean()
+    sxx = float(xc @ xc)
+    slope = float(xc @ (y - y.mean()) / sxx)
+    score = xc * (y - y.mean() - slope * xc)  # [n] the slope's estimating-equation terms
+    dof = min(n - 2, math.ceil(0.4 * n ** (2 / 3)))
+    j = np.arange(1, dof + 1)[:, None]
+    basis = math.sqrt(2.0 / n) * np.cos(math.pi * j * (np.arange(n)[None, :] + 0.5) / n)  # [B, n]
+    long_run = float(((basis @ score) ** 2).mean())
+    se = math.sqrt(n * long_run) / sxx
+    t = slope / se if se > 0 else math.nan
+    return {"slope": slope, "slope_se_hac": se, "t_hac": t, "hac_dof": int(dof),
+            "p_hac": float(2 * stats.t.sf(abs(t), dof)) if t == t else math.nan}

@@ -9,20 +9,27 @@ row with its own seeded pool, four ways:
   random     the trained policy's queries, but the next pair drawn uniformly from those left
   natural    the trained policy's queries, the pairs taken in article order (a reference)
 
-Every method draws from its own `torch.Generator` seeded alike (common random numbers, never the
-global generators, so evaluating during training changes nothing in the run), on the same rows. The
-report gives, per unit, the differences trained - baseline of the normalised reward (and of the value
-log-prob) with 95% bootstrap intervals over units, and the oracle: at every step the reward of every
-pair left is scored, so `oracle.fraction` = sum(chosen - mean) / sum(best - mean) over units is the
-share of the available selection gain the trained policy captures (0 = random, 1 = the oracle).
+The held-out articles and their order depend only on the corpus and `eval_fraction`
+(`corpus.iter_heldout_articles`), so runs of every training seed are scored on the same units; the
+evaluation's `seed` draws the pools and the rollouts only. Every method draws from its own
+`torch.Generator` seeded alike and consumes the same draws (common random numbers, never the global
+generators, so evaluating during training changes nothing in the run), on the same rows. The report
+gives the differences trained - baseline of the normalised reward (and of the value log-prob) with 95%
+bootstrap intervals over *articles* (an article's windows are not independent draws), the per-step
+oracle (at every step the reward of every pair left is scored, given the trained policy's own history:
+`oracle.fraction` = sum(chosen - mean) / sum(best - mean) is the share of the per-step selection gain
+the trained policy captures; 0 = random, 1 = always the best pair of that step, which is not the best
+order), how many articles a half-width of 0.01 would need, and every unit's values so that any
+interval can be recomputed.
 Imports attnrl_core.checkpoint, .config, .data, .diagnostics, .embeddings, .files, .host, .model,
 .rollout, .rundir, .training, .trajectory and .viz.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +38,8 @@ from tqdm.auto import tqdm
 
 from .checkpoint import latest_valid_checkpoint, load_adapter
 from .config import TrainConfig
-from .data import KeyValueBatch, add_embeddings, encode_separators, iter_pair_batches, long_articles
-from .diagnostics import oracle_fraction, paired_difference, selection_entropy
+from .data import KeyValueBatch, add_embeddings, encode_separators, heldout_articles, iter_pair_batches
+from .diagnostics import articles_for_half_width, oracle_fraction, paired_difference, selection_entropy
 from .embeddings import key_embedding_fn
 from .files import atomic_write_text
 from .host import keep_freed_memory, share_cpu, sharing_cpu
@@ -49,13 +56,14 @@ SELECTOR = {"trained": "attention", "untrained": "attention", "random": "random"
 
 def heldout_batch(cfg: TrainConfig, tokenizer, embed_fn, num_articles: int, seed: int, windows_per_article: int = 1,
                   samples: int = 1) -> KeyValueBatch:
-    """Rows for up to `num_articles` held-out articles (one pass, never repeated): each article's first
-    `windows_per_article` non-overlapping windows of `cfg.min_article_tokens` tokens that it is long
-    enough for are units, and each unit is `samples` consecutive rows, with seeded pools."""
+    """Rows for the first `num_articles` held-out articles (0: all) in the seed-independent held-out order:
+    each article's first `windows_per_article` non-overlapping windows of `cfg.min_article_tokens` tokens
+    that it is long enough for are units (id `ARTICLE#w`), and each unit is `samples` consecutive rows, with
+    pools drawn from `seed`."""
     m = cfg.min_article_tokens
-    articles = long_articles(cfg, tokenizer, split="eval", passes=1, max_tokens=m * windows_per_article)
+    articles = heldout_articles(cfg, tokenizer, num_articles, max_tokens=m * windows_per_article)
     units = [({**article, "id": f"{article['id']}#{w}"}, ids[w * m:(w + 1) * m])
-             for article, ids in itertools.islice(articles, num_articles) for w in range(len(ids) // m)]
+             for article, ids in articles for w in range(len(ids) // m)]
     if not units:
         raise ValueError(f"no held-out article has {m} tokens: raise eval_fraction for new runs or lower num_kv_pairs")
     rows = [unit for unit in units for _ in range(samples)]
@@ -63,12 +71,19 @@ def heldout_batch(cfg: TrainConfig, tokenizer, embed_fn, num_articles: int, seed
     return next(add_embeddings(iter_pair_batches(rows, cfg, len(rows), generator=generator), embed_fn))
 
 
+def unit_articles(unit_ids: list[str]) -> list[str]:
+    """The article of each unit (`ARTICLE#window` -> `ARTICLE`): the cluster of the article-level bootstrap."""
+    return [u.rsplit("#", 1)[0] for u in unit_ids]
+
+
 def rollout_method(model, batch: KeyValueBatch, sep, geo, cfg: TrainConfig, method: str, seed: int,
-                   chunk: int, oracle: bool = False) -> Trajectory:
-    """One method's rollout of every row, in chunks of `chunk` rows, from its own generator seeded `seed`."""
+                   chunk: int, oracle: bool = False, bar=None) -> Trajectory:
+    """One method's rollout of every row, in chunks of `chunk` rows, from its own generator seeded `seed`;
+    the sampling logits are not kept (nothing trains on them). `bar` (tqdm) advances by the rows done."""
     device = batch.key_embeddings.device
     generator = torch.Generator(device=device).manual_seed(seed)
-    kwargs = dict(**rollout_options(cfg), selector=SELECTOR[method], generator=generator, oracle=oracle)
+    kwargs = dict(**rollout_options(cfg), selector=SELECTOR[method], generator=generator, oracle=oracle,
+                  keep_query_logits=False)
     B = batch.batch_size
     params = adapter_parameters(model)
     parts = []
@@ -79,6 +94,8 @@ def rollout_method(model, batch: KeyValueBatch, sep, geo, cfg: TrainConfig, meth
                 parts.append(rollout(model, rows, sep, geo, **kwargs))
         else:
             parts.append(rollout(model, rows, sep, geo, **kwargs))
+        if bar is not None:
+            bar.update(rows.batch_size)
     return parts[0] if len(parts) == 1 else Trajectory.concat(parts, batch)
 
 
@@ -90,34 +107,60 @@ def per_unit(values: torch.Tensor, samples: int) -> np.ndarray:
 def compare_methods(model, batch: KeyValueBatch, sep, geo, cfg: TrainConfig, seed: int, samples: int = 1,
                     methods: tuple[str, ...] = METHODS, chunk: int = 32, progress: bool = False) -> dict:
     """Roll every row out with each method (the trained one with the oracle) and summarise: per method the
-    means, per-step log-probs and selection entropy; trained - baseline paired over units; the oracle."""
-    trajs = {m: rollout_method(model, batch, sep, geo, cfg, m, seed, chunk, oracle=m == "trained")
-             for m in tqdm(methods, desc="methods", disable=not progress)}
+    means, per-step log-probs, selection entropy and seconds taken; trained - baseline paired over units
+    with article-level intervals; the per-step oracle; the power of trained - random; every unit's values."""
+    unit_ids = batch.article_ids[::samples]
+    articles = unit_articles(unit_ids)
+    trajs, seconds = {}, {}
+    bar = tqdm(total=len(methods) * batch.batch_size, desc="evaluating", unit="rollout", disable=not progress,
+               file=sys.stderr)
+    for m in methods:
+        bar.set_postfix_str(m)
+        t0 = time.perf_counter()
+        trajs[m] = rollout_method(model, batch, sep, geo, cfg, m, seed, chunk, oracle=m == "trained", bar=bar)
+        seconds[m] = time.perf_counter() - t0
+    bar.close()
     summary = {"methods": {m: {"reward": float(t.rewards.float().mean()),
                                "logprob": float(t.policy_logprob.float().mean()),
                                "logprob_per_step": t.policy_logprob.float().mean(dim=0).tolist(),
                                "selection_entropy": _nan_to_none(selection_entropy(t.probabilities,
                                                                                    t.available_counts)),
-                               "pairs": t.choices.tolist()} for m, t in trajs.items()}}
+                               "seconds": seconds[m], "pairs": t.choices.tolist()} for m, t in trajs.items()}}
     summary["selection_entropy"] = {m: r["selection_entropy"] for m, r in summary["methods"].items()}
+    summary["per_unit"] = {"unit_ids": unit_ids, "articles": articles,
+                           **{m: {"reward": per_unit(t.rewards, samples).tolist(),
+                                  "logprob": per_unit(t.policy_logprob, samples).tolist()} for m, t in trajs.items()}}
     if "trained" in trajs:
         trained = trajs["trained"]
         summary["paired"] = {f"trained-{m}": {
-            **paired_difference(per_unit(trained.rewards, samples), per_unit(t.rewards, samples), seed=seed),
+            **paired_difference(per_unit(trained.rewards, samples), per_unit(t.rewards, samples), seed=seed,
+                                clusters=articles),
             "logprob": paired_difference(per_unit(trained.policy_logprob, samples),
-                                         per_unit(t.policy_logprob, samples), seed=seed)}
+                                         per_unit(t.policy_logprob, samples), seed=seed, clusters=articles)}
             for m, t in trajs.items() if m != "trained"}
-        summary["oracle"] = oracle_summary(trained, samples, seed)
+        oracle, units = oracle_summary(trained, samples, seed, articles)
+        summary["oracle"] = oracle
+        summary["per_unit"]["oracle"] = units
+        if "random" in trajs:
+            diff = per_unit(trained.rewards, samples) - per_unit(trajs["random"].rewards, samples)
+            ci = summary["paired"]["trained-random"]["ci"]
+            summary["power"] = {"comparison": "trained-random", "half_width": (ci[1] - ci[0]) / 2,
+                                "samples_per_unit": samples, **articles_for_half_width(diff, articles)}
     return summary
 
 
-def oracle_summary(traj: Trajectory, samples: int, seed: int) -> dict:
-    """`oracle_fraction` over units of the chosen, mean (= a uniformly random choice) and best rewards."""
+ORACLE_DEFINITION = ("per step, given the trained policy's own history: best = the best pair left at that step "
+                     "(not the best order), mean = a uniformly random choice among them")
+
+
+def oracle_summary(traj: Trajectory, samples: int, seed: int, articles: list[str] | None = None) -> tuple[dict, dict]:
+    """`oracle_fraction` over units of the chosen, mean (= a uniformly random choice) and best rewards of each
+    step (the per-step oracle), with an interval over `articles`; and those per-unit values."""
     cand = traj.candidate_rewards.float()  # [rows, P, N], NaN where not available
-    best = cand.nan_to_num(float("-inf")).amax(dim=2)
-    mean = cand.nanmean(dim=2)
-    return oracle_fraction(per_unit(traj.rewards, samples), per_unit(mean, samples), per_unit(best, samples),
-                           seed=seed)
+    units = {"chosen": per_unit(traj.rewards, samples), "mean": per_unit(cand.nanmean(dim=2), samples),
+             "best": per_unit(cand.nan_to_num(float("-inf")).amax(dim=2), samples)}
+    result = oracle_fraction(units["chosen"], units["mean"], units["best"], seed=seed, clusters=articles)
+    return {**result, "definition": ORACLE_DEFINITION}, {k: v.tolist() for k, v in units.items()}
 
 
 def _nan_to_none(x: float) -> float | None:
@@ -163,7 +206,7 @@ def _evaluate_checkpoint(cfg: TrainConfig, run_dir: Path, path: Path, device: to
     results = compare_methods(model, batch, encode_separators(tokenizer), head_geometry(model), cfg, seed,
                               samples_per_article, chunk=chunk, progress=progress)
     report = {"run_dir": str(run_dir), "checkpoint": path.name, "units": units,
-              "articles": len({i.split("#")[0] for i in batch.article_ids}), "windows_per_article": windows_per_article,
+              "articles": len(set(unit_articles(batch.article_ids))), "windows_per_article": windows_per_article,
               "samples_per_article": samples_per_article, "unit_ids": batch.article_ids[::samples_per_article],
               "seed": seed, "eval_fraction": cfg.eval_fraction, "steps": batch.pool.shape[1], **results}
     if write:
@@ -176,19 +219,26 @@ def _evaluate_checkpoint(cfg: TrainConfig, run_dir: Path, path: Path, device: to
 
 def format_report(report: dict) -> str:
     ci = "[{:+.4f}, {:+.4f}]".format
-    lines = [f"{report['run_dir']} {report['checkpoint']}: {report['units']} held-out units ({report['articles']} "
-             f"articles x up to {report['windows_per_article']} windows) x {report['samples_per_article']} samples, "
+    lines = [f"{report['run_dir']} {report['checkpoint']}: {report['units']} held-out units in {report['articles']} "
+             f"articles (up to {report['windows_per_article']} windows each) x {report['samples_per_article']} samples, "
              f"{report['steps']} steps, seed {report['seed']}",
-             f"{'method':10s} {'value log-prob':>15s} {'reward':>10s} {'selection entropy':>18s}"]
+             f"{'method':10s} {'value log-prob':>15s} {'reward':>10s} {'selection entropy':>18s} {'seconds':>8s}"]
     for name, r in report["methods"].items():
         entropy = "n/a" if r["selection_entropy"] is None else f"{r['selection_entropy']:.3f}"
-        lines.append(f"{name:10s} {r['logprob']:15.4f} {r['reward']:10.4f} {entropy:>18s}")
-    lines.append(f"{'paired (per unit)':22s} {'reward diff':>12s} {'95% CI':>22s} {'log-prob diff':>14s} {'95% CI':>22s}")
+        lines.append(f"{name:10s} {r['logprob']:15.4f} {r['reward']:10.4f} {entropy:>18s} {r.get('seconds', 0):8.1f}")
+    lines.append(f"{'paired (95% CI over articles)':30s} {'reward diff':>12s} {'95% CI':>22s} {'log-prob diff':>14s} "
+                 f"{'95% CI':>22s}")
     for name, d in report.get("paired", {}).items():
-        lines.append(f"{name:22s} {d['mean']:+12.4f} {ci(*d['ci']):>22s} {d['logprob']['mean']:+14.4f} "
+        lines.append(f"{name:30s} {d['mean']:+12.4f} {ci(*d['ci']):>22s} {d['logprob']['mean']:+14.4f} "
                      f"{ci(*d['logprob']['ci']):>22s}")
     if "oracle" in report:
         o = report["oracle"]
-        lines.append(f"oracle fraction {o['fraction']:+.3f} {ci(*o['ci'])} (rewards: chosen {o['chosen']:+.4f}, "
-                     f"random choice {o['mean']:+.4f}, best {o['best']:+.4f})")
+        lines.append(f"per-step oracle fraction {o['fraction']:+.3f} {ci(*o['ci'])} (rewards: chosen {o['chosen']:+.4f}, "
+                     f"random choice {o['mean']:+.4f}, best pair of each step {o['best']:+.4f}; 1 = the best pair at "
+                     "every step given the policy's own history, not the best order)")
+    if report.get("power", {}).get("articles_needed") is not None:
+        p = report["power"]
+        lines.append(f"power: trained-random has a 95% half-width of {p['half_width']:.4f} on {p['articles']} articles; "
+                     f"a half-width of {p['target_half_width']} needs about {p['articles_needed']} articles at these "
+                     f"windows and {p['samples_per_unit']} samples (between-article SD {p['between_article_sd']:.4f})")
     return "\n".join(lines)

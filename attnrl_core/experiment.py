@@ -11,7 +11,9 @@ TrainConfig fields on top of it), the seeds and the evaluation's sizes:
 `run_experiment` trains every (arm, seed) as its own `python -m attnrl_core train` process, up to
 `parallel` at once (each with its share of the cores, `num_threads`), resumes a run cut short, skips one
 already finished, evaluates each final checkpoint once (`evaluate --json`), and writes `summary.json`
-and figures. Runs are subprocesses so one failing, or being killed, never takes the others down.
+and figures. The statistics are computed here, not by hand: per arm each figure's mean over seeds with a
+Student t interval over seeds (the independent replicates), and for every pair of arms the paired-by-seed
+difference with its t interval; `format_summary(..., markdown=True)` prints EXPERIMENTS.md's tables. Runs are subprocesses so one failing, or being killed, never takes the others down.
 Imports attnrl_core.config, .diagnostics, .files and .rundir.
 """
 
@@ -28,6 +30,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import yaml
+from scipy import stats
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
@@ -94,7 +97,8 @@ def _cli(run_dir: Path, args: list[str], doing: str) -> None:
 def _evaluate(run_dir: Path, cfg: TrainConfig, options: dict) -> dict:
     report_file = run_dir / "eval" / f"episode-{cfg.num_episodes}.json"
     if not report_file.is_file():
-        args = ["evaluate", "--run_dir", str(run_dir), "--checkpoint", str(cfg.num_episodes), "--json"]
+        args = ["evaluate", "--run_dir", str(run_dir), "--checkpoint", str(cfg.num_episodes), "--json",
+                "--no_progress"]
         for key, value in options.items():
             args += [f"--{key}", str(value)]
         _cli(run_dir, args, "evaluating")
@@ -129,9 +133,33 @@ def run_experiment(path: str | Path, out: str | Path | None = None, parallel: in
     return summary
 
 
+# The per-run figures aggregated over seeds: name -> how to read it from a run's summary entry.
+FIGURES = {
+    "final_reward": lambda r: r["final_reward"],
+    "trained-random": lambda r: r["paired"]["trained-random"]["mean"],
+    "trained-untrained": lambda r: r["paired"]["trained-untrained"]["mean"],
+    "trained-natural": lambda r: r["paired"]["trained-natural"]["mean"],
+    "oracle_fraction": lambda r: r["oracle"]["fraction"],
+    "heldout_selection_entropy": lambda r: r["eval_selection_entropy"]["trained"],
+}
+
+
+def t_interval(values, level: float = 0.95) -> dict:
+    """Mean of per-seed values with a Student t interval over seeds (n - 1 degrees of freedom): seeds are the
+    independent replicates of an experiment. The interval is None with fewer than 2 finite values."""
+    x = np.array([np.nan if v is None else v for v in values], dtype=float)
+    x = x[np.isfinite(x)]
+    out = {"mean": float(x.mean()) if x.size else None, "ci": None, "n": int(x.size), "values": x.tolist()}
+    if x.size >= 2:
+        half = float(stats.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size))
+        out.update(ci=[out["mean"] - half, out["mean"] + half], sd=float(x.std(ddof=1)))
+    return out
+
+
 def summarize(out: Path, spec: dict) -> dict:
-    """Per arm and seed: curves, the final reward, the overfit figure and the evaluation; per arm the mean
-    and SD over seeds; and the arms paired by seed (arm - first arm) on the final reward."""
+    """Per arm and seed: curves, the final reward, the overfit figures and the evaluation (with its
+    article-level intervals); per arm each figure's mean over seeds with a t interval (`over_seeds`); and
+    for every pair of arms the paired-by-seed difference of each figure with its t interval (`pairs`)."""
     arms: dict = {}
     for arm in spec["arms"]:
         runs = []
@@ -141,24 +169,25 @@ def summarize(out: Path, spec: dict) -> dict:
             rewards = [m["reward"] for m in metrics]
             window = min(20, len(rewards) // 2)
             runs.append({"seed": seed, "reward": rewards,
-                         "selection_entropy": [m["selection_entropy"] for m in metrics],
-                         "adapter_reward": [m.get("adapter_reward") for m in metrics],
-                         "query_reward": [m.get("query_reward") for m in metrics],
+                         **{k: [m.get(k) for m in metrics] for k in CURVES},
                          "final_reward": _mean(rewards[-FINAL_WINDOW:]),
                          "learning": learning_figure(rewards, window) if window >= 2 else None,
                          "paired": report["paired"], "oracle": report["oracle"], "units": report["units"],
-                         "eval_selection_entropy": report["selection_entropy"]})
-        finals = np.array([r["final_reward"] for r in runs])
-        arms[arm] = {"fields": spec["arms"][arm] or {}, "runs": runs, "final_reward_mean": float(finals.mean()),
-                     "final_reward_sd": float(finals.std(ddof=1)) if len(finals) > 1 else 0.0}
-    first = next(iter(arms))
-    for arm, a in arms.items():
-        if arm != first:
-            diff = np.array([r["final_reward"] for r in a["runs"]]) - \
-                np.array([r["final_reward"] for r in arms[first]["runs"]])
-            a[f"vs_{first}"] = {"mean": float(diff.mean()), "per_seed": diff.tolist(),
-                                "sd": float(diff.std(ddof=1)) if len(diff) > 1 else 0.0}
-    return {"base": spec["base"], "seeds": spec["seeds"], "final_window": FINAL_WINDOW, "arms": arms}
+                         "articles": report["articles"], "eval_selection_entropy": report["selection_entropy"]})
+        arms[arm] = {"fields": spec["arms"][arm] or {}, "runs": runs,
+                     "over_seeds": {name: t_interval([get(r) for r in runs]) for name, get in FIGURES.items()}}
+    names = list(arms)
+    pairs = {}
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            pairs[f"{second}-{first}"] = {
+                name: t_interval([None if get(b) is None or get(a) is None else get(b) - get(a)
+                                  for a, b in zip(arms[first]["runs"], arms[second]["runs"])])
+                for name, get in FIGURES.items()}
+    return {"base": spec["base"], "seeds": spec["seeds"], "final_window": FINAL_WINDOW, "arms": arms, "pairs": pairs}
+
+
+CURVES = ("selection_entropy", "adapter_reward", "query_reward", "oracle_fraction")
 
 
 def _mean(values: list) -> float:
@@ -170,26 +199,55 @@ def _num(x: float | None, fmt: str) -> str:
     return "n/a" if x is None or x != x else format(x, fmt)
 
 
-def format_summary(summary: dict) -> str:
-    """The experiment's table: per arm and seed the final reward, the overfit z, the paired evaluation and the
-    oracle fraction."""
-    ci = "[{:+.3f}, {:+.3f}]".format
-    lines = [f"{'arm':10s} {'seed':>4s} {'final reward':>12s} {'z (last-first)':>14s} {'trained-random':>26s} "
-             f"{'trained-untrained':>26s} {'oracle fraction':>24s} {'entropy':>7s}"]
+def _ci(x: dict | None, fmt: str = "+.4f") -> str:
+    if x is None or x.get("mean") is None:
+        return "n/a"
+    if x.get("ci") is None:
+        return format(x["mean"], fmt)
+    return f"{x['mean']:{fmt}} [{x['ci'][0]:{fmt}}, {x['ci'][1]:{fmt}}]"
+
+
+def format_summary(summary: dict, markdown: bool = False) -> str:
+    """The experiment's tables, computed from `summary.json`: per run (arm, seed) the final reward, the overfit
+    figures and the held-out evaluation with article-level intervals; per arm the over-seed means with t
+    intervals; every pair of arms paired by seed. `markdown` gives EXPERIMENTS.md's tables."""
+    def paired(p: dict, key: str) -> str:
+        return _ci({"mean": p[key]["mean"], "ci": p[key]["ci"]})
+
+    runs_head = ["arm", "seed", "final reward (last 10)", "z (last - first)", "trend t (EWC)",
+                 "trained - random [95% CI]", "trained - untrained [95% CI]", "trained - natural [95% CI]",
+                 "per-step oracle fraction [95% CI]", "held-out selection entropy", "units / articles"]
+    rows = []
     for arm, a in summary["arms"].items():
         for r in a["runs"]:
-            p, o = r["paired"], r["oracle"]
-            z = "n/a" if r["learning"] is None else f"{r['learning']['z']:+.2f}"
-            lines.append(f"{arm:10s} {r['seed']:4d} {r['final_reward']:+12.4f} {z:>14s} "
-                         f"{p['trained-random']['mean']:+8.4f} {ci(*p['trained-random']['ci']):>17s} "
-                         f"{p['trained-untrained']['mean']:+8.4f} {ci(*p['trained-untrained']['ci']):>17s} "
-                         f"{_num(o['fraction'], '+7.3f')} {ci(*o['ci']):>16s} "
-                         f"{_num(r['eval_selection_entropy']['trained'], '7.3f')}")
-        extra = "".join(f"; {k} {v['mean']:+.4f} (per seed {', '.join(f'{x:+.4f}' for x in v['per_seed'])})"
-                        for k, v in a.items() if k.startswith("vs_"))
-        lines.append(f"{arm:10s} mean final reward {a['final_reward_mean']:+.4f} ± {a['final_reward_sd']:.4f} "
-                     f"(SD over seeds){extra}")
-    return "\n".join(lines)
+            lf = r["learning"] or {}
+            o = r["oracle"]
+            rows.append([arm, str(r["seed"]), f"{r['final_reward']:+.4f}", _num(lf.get("z"), "+.2f"),
+                         _num(lf.get("t_hac"), "+.2f"), paired(r["paired"], "trained-random"),
+                         paired(r["paired"], "trained-untrained"), paired(r["paired"], "trained-natural"),
+                         _ci({"mean": o["fraction"], "ci": o["ci"]}, "+.3f"),
+                         _num(r["eval_selection_entropy"]["trained"], ".3f"), f"{r['units']} / {r.get('articles', '?')}"])
+    fmts = {"heldout_selection_entropy": ".3f", "oracle_fraction": "+.3f"}
+    seeds_head = ["arm", "seeds"] + list(FIGURES)
+    seed_rows = [[arm, str(a["over_seeds"]["final_reward"]["n"])] +
+                 [_ci(a["over_seeds"][f], fmts.get(f, "+.4f")) for f in FIGURES] for arm, a in summary["arms"].items()]
+    pair_rows = [[name, str(p["final_reward"]["n"])] + [_ci(p[f], fmts.get(f, "+.4f")) for f in FIGURES]
+                 for name, p in summary.get("pairs", {}).items()]
+    tables = [("Per run: held-out intervals over articles (bootstrap)", runs_head, rows),
+              ("Per arm: mean over seeds [95% t interval over seeds]", seeds_head, seed_rows)]
+    if pair_rows:
+        tables.append(("Arms paired by seed: difference [95% t interval over seeds]", ["pair", "seeds"] + list(FIGURES),
+                       pair_rows))
+    out = []
+    for title, head, body in tables:
+        if markdown:
+            out += [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            out += ["| " + " | ".join(row) + " |" for row in body]
+        else:
+            widths = [max(len(x) for x in col) for col in zip(head, *body)]
+            out += [title] + ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in [head, *body]]
+        out.append("")
+    return "\n".join(out).rstrip()
 
 
 def _smooth(x: np.ndarray, k: int) -> np.ndarray:
@@ -202,11 +260,21 @@ def _smooth(x: np.ndarray, k: int) -> np.ndarray:
 
 
 def plot_experiment(summary: dict, smooth: int = 10):
-    """An experiment's curves, mean ± SD over seeds per arm: the batch reward, its split into the adapter's and
-    the query's parts, and the selection entropy (each a trailing mean over `smooth` episodes)."""
-    panels = [("reward", "batch reward"), ("adapter_reward", "adapter part of the reward"),
+    """An experiment's curves, mean ± SD over seeds per arm (each a trailing mean over `smooth` episodes): the
+    batch reward, its adapter and query parts, the selection entropy and, where logged, the training batch's
+    per-step oracle fraction; and, when the summary has them, the held-out figures per arm (mean over seeds
+    with its t interval, each seed a dot)."""
+    panels = [("reward", "batch reward (nats per value token)"), ("adapter_reward", "adapter part of the reward"),
               ("query_reward", "query part of the reward"), ("selection_entropy", "selection entropy (1 = uniform)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3))
+    runs_of = [r for a in summary["arms"].values() for r in a["runs"]]
+    if any(v is not None for r in runs_of for v in r.get("oracle_fraction", [])):
+        panels.append(("oracle_fraction", "training per-step oracle fraction"))
+    heldout = all("over_seeds" in a for a in summary["arms"].values())
+    count = len(panels) + heldout
+    cols = 3
+    fig, axes = plt.subplots((count + cols - 1) // cols, cols, figsize=(4.6 * cols, 3.4 * ((count + cols - 1) // cols)),
+                             squeeze=False)
+    axes = axes.ravel()
     for ax, (key, title) in zip(axes, panels):
         for arm, a in summary["arms"].items():
             curves = np.array([[np.nan if v is None else v for v in r[key]] for r in a["runs"]], dtype=float)
@@ -219,6 +287,24 @@ def plot_experiment(summary: dict, smooth: int = 10):
                 ax.fill_between(episodes, mean - sd, mean + sd, alpha=0.2)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("episode")
+        ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0].legend(fontsize=8)
+    if heldout:
+        ax = axes[len(panels)]
+        figures = ["trained-random", "trained-untrained", "trained-natural"]
+        for k, (arm, a) in enumerate(summary["arms"].items()):
+            y = np.arange(len(figures)) + (k - (len(summary["arms"]) - 1) / 2) * 0.2
+            for yi, f in zip(y, figures):
+                x = a["over_seeds"][f]
+                if x["ci"] is not None:
+                    ax.errorbar(x["mean"], yi, xerr=[[x["mean"] - x["ci"][0]], [x["ci"][1] - x["mean"]]], fmt="o",
+                                color=f"C{k}", capsize=3)
+                ax.plot(x["values"], [yi] * len(x["values"]), ".", color=f"C{k}", alpha=0.5)
+        ax.axvline(0, color="black", lw=0.5)
+        ax.set_yticks(range(len(figures)), figures)
+        ax.set_title("held out: mean over seeds, 95% t CI", fontsize=10)
+        ax.set_xlabel("reward difference (nats per value token)")
+    for ax in axes[count:]:
+        ax.set_visible(False)
     fig.tight_layout()
     return fig

@@ -70,13 +70,15 @@ def choose_pairs(probs: torch.Tensor, available: torch.Tensor, selector: str, gr
         probs = F.one_hot(first, N).float()
     elif selector != "attention":
         raise ValueError(f"selector {selector!r} is unknown: use attention, random or natural")
-    if greedy or selector == "natural":
+    if greedy:
         return probs.argmax(dim=1), probs
     if not bool(((probs >= 0) & torch.isfinite(probs)).all()):  # the check torch.multinomial made
         raise ValueError("the selection distribution holds a negative or non-finite probability: lower the learning "
                          "rate or use dtype float32")
     q = global_draw(probs.shape[0], rows, lambda m: torch.empty(m, *probs.shape[1:], dtype=probs.dtype,
                                                                  device=probs.device).exponential_(generator=generator))
+    # natural's one-hot distribution picks its pair from these draws too: every selector consumes the same
+    # numbers, so the methods of an evaluation stay on common random numbers at every later step
     return (probs / q).argmax(dim=1), probs
 
 
@@ -107,14 +109,17 @@ def score_candidates(model: nn.Module, cache: BufferedCache, last_query_token: t
 def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGeometry, *,
             tokens_per_query: int, similarity_temperature: float = 1.0, query_temperature: float = 1.0,
             greedy: bool = False, selector: str = "attention", generator: torch.Generator | None = None,
-            oracle: bool = False, similarity_layer: int = -1, global_rows: Rows | None = None) -> Trajectory:
+            oracle: bool = False, similarity_layer: int = -1, global_rows: Rows | None = None,
+            keep_query_logits: bool = True) -> Trajectory:
     """Generate B trajectories in lock-step; see the module docstring for the steps. `selector` swaps
     the attention selection for a baseline (`choose_pairs`); everything else stays the same. Every
     random draw comes from `generator` when given (on the batch's device), else the global generator.
     `oracle` also scores every pair left at every step (`score_candidates`, for evaluation);
     `similarity_layer` is the layer whose q_proj embeds the query (the keys' must match); `global_rows`,
     which rows of a global batch this batch is (a rank's share or a chunk; `distributed.global_draw`): the
-    draws are the global batch's, so a trajectory does not depend on how the batch was split."""
+    draws are the global batch's, so a trajectory does not depend on how the batch was split.
+    `keep_query_logits` False drops the policy's sampling logits ([B, P*Tq, V], the update's previous
+    policy) from a rollout that will not train: evaluation's and the bench's comparisons."""
     assert global_rows is None or global_rows.size == batch.batch_size, (global_rows, batch.batch_size)
     assert batch.key_embeddings is not None, "run the batch through data.add_embeddings first"
     was_training = model.training
@@ -142,7 +147,8 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
     for _ in range(P):
         # 1. the policy writes a query; the base model writes the counterfactual in the same passes
         queries, logits = sample_tokens(model, cache, q_sep.repeat(2, 1), Tq, query_temperature, greedy, both,
-                                        keep_logits=B, generator=generator, rows=global_rows)  # [2B, Tq], the policy's [B, Tq, V]
+                                        keep_logits=B if keep_query_logits else 0, generator=generator,
+                                        rows=global_rows)  # [2B, Tq], the policy's [B, Tq, V]
         query_logits.append(logits)
         query, cf = queries[:B], queries[B:]
         # 2. the query's embedding scores the keys left in the pool
@@ -175,7 +181,7 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
     model.train(was_training)
     return Trajectory(tokens=tokens, **{name: torch.stack(xs, dim=1) for name, xs in fields.items()},
                       initial_length=L0, step_length=step_length, query_offset=q_sep.shape[1], batch=batch,
-                      query_logits=torch.cat(query_logits, dim=1),
+                      query_logits=torch.cat(query_logits, dim=1) if keep_query_logits else None,
                       candidate_rewards=torch.stack(candidate_rewards, dim=1) if oracle else None)
 
 

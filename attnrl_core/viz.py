@@ -223,7 +223,7 @@ def plot_logprob_per_step(trajectories: list[dict]):
 
 def plot_evaluation(report: dict):
     """Held-out comparison: paired differences trained - baseline (reward and value log-prob, 95% CIs over
-    units), the oracle fraction with its CI, and the value log-prob per step of every method."""
+    articles), the per-step oracle fraction with its CI, and the value log-prob per step of every method."""
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     paired = report.get("paired", {})
     names = list(paired)
@@ -235,21 +235,23 @@ def plot_evaluation(report: dict):
                          label="reward" if key == "reward" else "value log-prob")
     axes[0].axvline(0, color="black", lw=0.5)
     axes[0].set_yticks(range(len(names)), names)
-    axes[0].set(title="paired difference per unit (95% CI)", xlabel="trained - baseline")
+    axes[0].set(title="paired difference (95% CI over articles)", xlabel="trained - baseline")
     axes[0].legend(fontsize=8)
     if "oracle" in report:
         o = report["oracle"]
-        axes[1].bar(["random choice", "chosen", "best"], [o["mean"], o["chosen"], o["best"]],
+        axes[1].bar(["random choice", "chosen", "best of\neach step"], [o["mean"], o["chosen"], o["best"]],
                     color=["tab:grey", "tab:green", "tab:purple"])
         axes[1].axhline(0, color="black", lw=0.5)
         lo, hi = o["ci"]
-        axes[1].set(title=f"oracle fraction {o['fraction']:+.2f} [{lo:+.2f}, {hi:+.2f}]", ylabel="mean reward per step")
+        axes[1].set(title=f"per-step oracle fraction {o['fraction']:+.2f} [{lo:+.2f}, {hi:+.2f}]",
+                    ylabel="mean reward per step")
     for m, r in report["methods"].items():
         steps = r["logprob_per_step"]
         axes[2].plot(range(len(steps)), steps, "o-", label=m)
     axes[2].set(title="value log-prob per step", xlabel="step")
     axes[2].legend(fontsize=8)
-    fig.suptitle(f"{report['checkpoint']} on {report['units']} held-out units x {report['samples_per_article']} samples")
+    fig.suptitle(f"{report['checkpoint']} on {report['units']} held-out units of {report['articles']} articles x "
+                 f"{report['samples_per_article']} samples")
     fig.tight_layout()
     return fig
 

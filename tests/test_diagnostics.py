@@ -8,13 +8,16 @@ import pytest
 import torch
 
 from attnrl_core.diagnostics import (
+    articles_for_half_width,
     bootstrap_ci,
     key_cosine,
+    learning_figure,
     oracle_fraction,
     paired_difference,
     query_distinct,
     selection_entropy,
     selection_top_ratio,
+    trend_hac,
 )
 
 # Available counts below N on purpose: normalising by log N instead of log(available)
@@ -145,7 +148,7 @@ def test_bootstrap_ci_rejects_empty():
 def test_paired_difference_with_itself_is_zero():
     a = np.random.default_rng(3).normal(size=30)
     result = paired_difference(a, a)
-    assert result == {"mean": 0.0, "ci": [0.0, 0.0], "units": 30}
+    assert result == {"mean": 0.0, "ci": [0.0, 0.0], "units": 30, "articles": 30}
 
 
 def test_paired_difference_rejects_shape_mismatch():
@@ -194,3 +197,58 @@ def test_oracle_fraction_drops_zero_denominator_resamples():
     result = oracle_fraction(np.array([0.0, 0.5]), np.zeros(2), np.array([0.0, 1.0]))
     assert result["fraction"] == pytest.approx(0.5)
     assert result["ci"] == pytest.approx([0.5, 0.5])
+
+
+def _clustered_units(windows: list[int], article_sd: float, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """Per-unit values with a shared effect per article (windows of one article are alike) and their labels."""
+    rng = np.random.default_rng(seed)
+    values = np.concatenate([rng.normal(0.0, article_sd) + rng.normal(0.0, 0.1, size=w) for w in windows])
+    return values, [f"a{i}" for i, w in enumerate(windows) for _ in range(w)]
+
+
+def test_article_bootstrap_is_wider_than_the_unit_bootstrap_under_an_article_effect():
+    values, articles = _clustered_units([4, 2, 4, 4, 4, 3, 4, 3], article_sd=1.0)
+    unit_lo, unit_hi = bootstrap_ci(values)
+    art_lo, art_hi = bootstrap_ci(values, clusters=articles)
+    assert art_hi - art_lo > 1.4 * (unit_hi - unit_lo)  # sqrt(28 / 8) = 1.9 for a pure article effect
+    paired = paired_difference(values, np.zeros_like(values), clusters=articles)
+    assert paired["units"] == 28 and paired["articles"] == 8 and paired["ci"] == [art_lo, art_hi]
+    fraction = oracle_fraction(values, np.zeros_like(values), np.abs(values) + 1.0, clusters=articles)
+    unit_fraction = oracle_fraction(values, np.zeros_like(values), np.abs(values) + 1.0)
+    assert fraction["articles"] == 8 and np.diff(fraction["ci"])[0] > np.diff(unit_fraction["ci"])[0]
+
+
+def test_article_bootstrap_is_the_unit_bootstrap_with_one_window_per_article():
+    values, articles = _clustered_units([1] * 12, article_sd=1.0)
+    assert bootstrap_ci(values, clusters=articles[::-1]) == bootstrap_ci(values)
+    assert oracle_fraction(values, np.zeros(12), np.abs(values) + 1, clusters=articles)["ci"] == \
+        oracle_fraction(values, np.zeros(12), np.abs(values) + 1)["ci"]
+
+
+def test_articles_for_half_width_follows_the_between_article_sd():
+    values, articles = _clustered_units([3] * 10, article_sd=0.05, seed=1)
+    power = articles_for_half_width(values, articles, target=0.01)
+    per_article = values.reshape(10, 3).mean(axis=1)
+    assert power["between_article_sd"] == pytest.approx(per_article.std(ddof=1))
+    assert power["articles_needed"] == max(2, math.ceil((1.96 * per_article.std(ddof=1) / 0.01) ** 2))
+    assert articles_for_half_width(values[:3], articles[:3])["articles_needed"] is None
+
+
+def _ar1(n: int, phi: float, rng) -> np.ndarray:
+    y, e = np.zeros(n), rng.normal(size=n)
+    for t in range(n):
+        y[t] = (phi * y[t - 1] if t else 0.0) + e[t]
+    return y
+
+
+def test_trend_test_keeps_its_size_when_episodes_are_correlated():
+    """A drifting policy makes neighbouring episodes' rewards correlated (AR(1), phi 0.6, no trend): the
+    first-vs-last z, which assumes independent episodes, then passes 2 far more often than 5% of the time;
+    the EWC trend test stays near its nominal size, and still finds a real trend."""
+    rng = np.random.default_rng(0)
+    series = [_ar1(100, 0.6, rng) for _ in range(300)]
+    naive = np.mean([abs(learning_figure(y, 20)["z"]) > 2 for y in series])
+    robust = np.mean([trend_hac(y)["p_hac"] < 0.05 for y in series])
+    assert naive > 0.25 and robust < 0.13
+    rising = [trend_hac(_ar1(100, 0.6, rng) + 0.03 * np.arange(100)) for _ in range(50)]
+    assert np.mean([r["p_hac"] < 0.05 and r["t_hac"] > 0 for r in rising]) > 0.8

@@ -8,7 +8,8 @@ import torch
 from attnrl_core.__main__ import main
 from attnrl_core.config import TrainConfig
 from attnrl_core.corpus import is_heldout, iter_wikipedia_articles
-from attnrl_core.evaluate import METHODS, compare_methods
+from attnrl_core.data import heldout_articles
+from attnrl_core.evaluate import METHODS, compare_methods, heldout_batch, rollout_method
 from attnrl_core.model import head_geometry
 from attnrl_core.rollout import rollout
 from attnrl_core.files import read_jsonl
@@ -24,6 +25,36 @@ def test_split_is_deterministic_and_disjoint():
     assert train and held and not train & held and train | held == every
     assert all(is_heldout(i, cfg.eval_fraction) for i in held)
     assert is_heldout("12", 0.5) == is_heldout("12", 0.5) and not is_heldout("12", 0.0)
+
+
+def test_heldout_set_does_not_depend_on_the_training_seed(smol_tokenizer):
+    """Runs trained with seeds 0 and 1 are scored on the same held-out units, in the same order (training
+    reshuffles a local corpus by seed; the held-out order is the hash of the id)."""
+    cfg = TrainConfig.from_preset("embedded", num_kv_pairs=16)
+    units = {}
+    for seed in (0, 1):
+        batch = heldout_batch(cfg.replace(seed=seed), smol_tokenizer, lambda keys: torch.zeros(keys.shape[0], 2),
+                              num_articles=4, seed=7, windows_per_article=2, samples=1)
+        units[seed] = batch.article_ids
+    assert units[0] == units[1] and len({u.split("#")[0] for u in units[0]}) == 4
+    every = [a["id"] for a, _ in heldout_articles(cfg, smol_tokenizer, 0)]
+    assert len(every) == len(set(every)) > 4 and [a["id"] for a, _ in heldout_articles(cfg.replace(seed=5),
+                                                                                        smol_tokenizer, 0)] == every
+    assert all(is_heldout(i, cfg.eval_fraction) for i in every)
+
+
+def test_every_method_consumes_the_same_draws(policy):
+    """Common random numbers: after rolling out the same rows, every method's generator is in the same state,
+    natural order included (it draws the selection's exponentials too), so step t's query draws line up."""
+    cfg = tiny_config(num_kv_pairs=8, subset_fraction=0.5)
+    batch = make_batch(policy, cfg)
+    states = {}
+    for method in METHODS:
+        generator = torch.Generator().manual_seed(3)
+        rollout(policy, batch, SEP, head_geometry(policy), tokens_per_query=3, generator=generator,
+                selector={"trained": "attention", "untrained": "attention"}.get(method, method))
+        states[method] = generator.get_state()
+    assert all(torch.equal(states["trained"], s) for s in states.values())
 
 
 def test_random_baseline_uses_each_pool_pair_once(policy):
@@ -75,8 +106,12 @@ def test_evaluation_leaves_the_global_generators_alone(policy):
     first = compare_methods(policy, batch, SEP, head_geometry(policy), cfg, seed=5)
     assert torch.equal(torch.get_rng_state(), cpu)
     assert all(torch.equal(a, b) for a, b in zip(cuda, torch.cuda.get_rng_state_all() if cuda else []))
-    torch.manual_seed(999)  # another global state: the evaluation is the same
-    assert compare_methods(policy, batch, SEP, head_geometry(policy), cfg, seed=5) == first
+    torch.manual_seed(999)  # another global state: the evaluation is the same (the time taken aside)
+    again = compare_methods(policy, batch, SEP, head_geometry(policy), cfg, seed=5)
+    for report in (first, again):
+        for method in report["methods"].values():
+            method.pop("seconds")
+    assert again == first
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +147,14 @@ def test_evaluate_command_prints_the_table_and_the_json_report(small_run, capsys
     trained_articles = {t["article_id"] for t in read_jsonl(small_run / "trajectories.jsonl")}
     assert not {u.split("#")[0] for u in report["unit_ids"]} & trained_articles
     assert (small_run / "eval" / "episode-2.png").is_file()
+    # article-level intervals with their counts, the per-unit values behind them, and the power line
+    assert report["paired"]["trained-random"]["articles"] == 3 and report["oracle"]["articles"] == 3
+    units = report["per_unit"]
+    assert units["unit_ids"] == report["unit_ids"] and units["articles"] == [u.split("#")[0] for u in units["unit_ids"]]
+    for m in METHODS:
+        assert len(units[m]["reward"]) == report["units"]
+    assert sum(units["trained"]["reward"]) / report["units"] - sum(units["random"]["reward"]) / report["units"] == \
+        pytest.approx(report["paired"]["trained-random"]["mean"])
+    assert set(units["oracle"]) == {"best", "mean", "chosen"} and "per step" in report["oracle"]["definition"]
+    assert report["power"]["articles"] == 3 and report["power"]["articles_needed"] >= 2
+    assert "power:" in out and "per-step oracle" in out

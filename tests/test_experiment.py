@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from attnrl_core.experiment import format_summary, load_experiment, run_experiment
+from attnrl_core.experiment import format_summary, load_experiment, run_experiment, t_interval
 
 TINY = {"preset": "embedded", "generation_batch_size": 4, "training_batch_size": 2, "num_kv_pairs": 3,
         "tokens_per_key": 8, "tokens_per_value": 8, "tokens_per_query": 6, "warmup_trajectories": 2,
@@ -25,9 +25,14 @@ def test_experiment_trains_evaluates_and_skips_what_is_done(tmp_path):
         run = summary["arms"][arm]["runs"][0]
         assert len(run["reward"]) == 4 and run["oracle"]["fraction"] is not None
         assert set(run["paired"]) == {"trained-untrained", "trained-random", "trained-natural"}
-    assert summary["arms"]["loo"]["vs_spec"]["per_seed"][0] == pytest.approx(
+    assert summary["pairs"]["loo-spec"]["final_reward"]["values"][0] == pytest.approx(
         summary["arms"]["loo"]["runs"][0]["final_reward"] - summary["arms"]["spec"]["runs"][0]["final_reward"])
-    assert "mean final reward" in format_summary(summary)
+    assert summary["arms"]["spec"]["over_seeds"]["trained-random"]["mean"] == pytest.approx(
+        summary["arms"]["spec"]["runs"][0]["paired"]["trained-random"]["mean"])
+    assert summary["arms"]["spec"]["over_seeds"]["trained-random"]["ci"] is None  # one seed: no interval
+    assert "Per arm: mean over seeds" in format_summary(summary)
+    markdown = format_summary(summary, markdown=True)
+    assert "| arm | seed |" in markdown and "| loo-spec | 1 |" in markdown
     assert (out / "experiment.png").is_file()
     stamp = (out / "spec-s0" / "metrics.jsonl").stat().st_mtime_ns
     again = run_experiment(path, out, parallel=1)  # everything is done: nothing reruns, the same numbers
@@ -41,3 +46,10 @@ def test_an_invalid_arm_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="kl_reference"):
         load_experiment(path)
     assert not (tmp_path / "runs").exists()
+
+
+def test_over_seed_interval_is_a_t_interval_over_seeds():
+    x = t_interval([1.0, 2.0, 3.0, None])  # a missing seed is left out, not counted
+    assert x["n"] == 3 and x["mean"] == pytest.approx(2.0)
+    half = 4.302652729911275 / 3 ** 0.5  # t(0.975, 2 df) * SD 1 / sqrt(3)
+    assert x["ci"] == pytest.approx([2.0 - half, 2.0 + half])
