@@ -78,6 +78,13 @@ class TrainConfig:
                              "similarity distribution, so the gradient reaches the selection (0: SPEC's, query tokens only)")
     value_nll_weight: float = _f(0.0, "adds this x the policy's mean NLL of the selected trajectories' values in their "
                                  "contexts (a change to SPEC's method: the model also learns the chunks it chose)")
+    choice_target_weight: float = _f(0.0, "λ > 0 adds, over every rolled-out trajectory, λ x the sum over steps of "
+                                     "KL(softmax(r_candidates / τ) || p_select): every pair left is scored at every "
+                                     "step (the per-step oracle's pass) and the selection is trained toward the pairs "
+                                     "that would have earned most, one extra optimizer step per episode (REPLUG's "
+                                     "LM-supervised retrieval; a change to SPEC's method; 0: off)")
+    choice_target_temperature: float = _f(0.1, "τ of choice_target_weight's target softmax(r_candidates / τ), in nats "
+                                          "of the per-step reward (smaller = nearer the best pair alone)")
     kl_reference: str = _f("previous", "KL penalty against: previous (SPEC's: the policy that rolled the batch out) | "
                            "base (the adapter-disabled base model, TRL's and verl's reference)")
     reward_baseline: str = _f("none", "subtracted from the reward in the loss: none (SPEC's) | running_mean (of the "
@@ -140,6 +147,8 @@ class TrainConfig:
         need(self.max_train_articles >= 0, "max_train_articles", "an integer >= 0 (0: all)")
         need(self.choice_in_loss in (0, 1), "choice_in_loss", "0 or 1")
         need(self.value_nll_weight >= 0, "value_nll_weight", ">= 0")
+        need(self.choice_target_weight >= 0, "choice_target_weight", ">= 0")
+        need(self.choice_target_temperature > 0, "choice_target_temperature", "> 0")
         need(self.kl_reference in ("previous", "base"), "kl_reference", "previous or base")
         need(self.reward_baseline in ("none", "running_mean", "leave_one_out"), "reward_baseline",
              "none, running_mean or leave_one_out")

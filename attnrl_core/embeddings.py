@@ -5,7 +5,8 @@ the last layer's `q_proj` (queries, adapter on) or `k_proj` (keys, adapter off) 
 forward hook; `similarity_layer` picks another layer (a research lever; -1, the last, is SPEC's).
 Similarity: per query head h, scaled dot products with KV group h // (Hq/Hkv), softmax over the
 available keys per head, then the mean of the per-head distributions. `choice_logprob` is the same
-distribution's log-prob of the chosen pair, with gradient (the `choice_in_loss` lever).
+distribution's log-prob of the chosen pair, with gradient (the `choice_in_loss` lever);
+`selection_probabilities` the whole distribution at every step (the selection objective).
 Imports attnrl_core.model only.
 """
 
@@ -107,18 +108,27 @@ def compute_similarity(query_emb: torch.Tensor, key_emb: torch.Tensor, num_query
     return head_probabilities(query_emb, key_emb, num_query_heads, num_kv_heads, temperature, available).mean(dim=1)
 
 
-def choice_logprob(model: nn.Module, queries: torch.Tensor, key_emb: torch.Tensor, available: torch.Tensor,
-                   choices: torch.Tensor, temperature: float = 1.0, layer: int = -1) -> torch.Tensor:
-    """[n, P]: log p(choices[b, t] | query [b, t]) under the similarity distribution over the keys available at
-    each step, differentiable through the adapter on the query's q_proj (`choice_in_loss`). queries [n, P, Tq],
-    key_emb [n, N, E], available [n, P, N] bool, choices [n, P]."""
+def selection_probabilities(model: nn.Module, queries: torch.Tensor, key_emb: torch.Tensor, available: torch.Tensor,
+                            temperature: float = 1.0, layer: int = -1) -> torch.Tensor:
+    """[n, P, N]: the similarity distribution each step's pair was drawn from (`compute_similarity` over the keys
+    available at that step; 0 elsewhere), differentiable through the adapter on the query's q_proj and the
+    layers below it. queries [n, P, Tq], key_emb [n, N, E], available [n, P, N] bool."""
     n, P, Tq = queries.shape
-    assert available.shape == (n, P, key_emb.shape[1]) and choices.shape == (n, P), (available.shape, choices.shape)
+    assert available.shape == (n, P, key_emb.shape[1]), (available.shape, key_emb.shape)
     geo = head_geometry(model)
     q = query_embeddings(model, queries.reshape(n * P, Tq), layer)  # one pass over the queries alone
     probs = compute_similarity(q, key_emb.repeat_interleave(P, dim=0), geo.num_query_heads, geo.num_kv_heads,
                                temperature, available.reshape(n * P, -1))  # [n*P, N]
-    return probs.gather(1, choices.reshape(n * P, 1).to(probs.device)).clamp_min(1e-30).log().view(n, P)
+    return probs.view(n, P, -1)
+
+
+def choice_logprob(model: nn.Module, queries: torch.Tensor, key_emb: torch.Tensor, available: torch.Tensor,
+                   choices: torch.Tensor, temperature: float = 1.0, layer: int = -1) -> torch.Tensor:
+    """[n, P]: log p(choices[b, t] | query [b, t]) under `selection_probabilities` (`choice_in_loss`);
+    choices [n, P]."""
+    assert choices.shape == queries.shape[:2], (choices.shape, queries.shape)
+    probs = selection_probabilities(model, queries, key_emb, available, temperature, layer)
+    return probs.gather(2, choices[..., None].to(probs.device)).squeeze(2).clamp_min(1e-30).log()
 
 
 @torch.no_grad()

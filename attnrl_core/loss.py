@@ -4,7 +4,8 @@ Per selected trajectory, with R its reward (less a baseline, `advantages`):
     loss = -R * sum_{steps, query tokens} log pi(token | state)  [+ log p(chosen pair | query), choice_in_loss]
            + beta * sum_{steps, query tokens} KL(reference(.|state) || pi(.|state))
            [+ value_nll_weight * mean NLL of the chosen values]
-averaged over trajectories. Pure functions of tensors; imports attnrl_core.decoding (log-probs of tokens).
+averaged over trajectories; and, with choice_target_weight, the selection objective `choice_target_kl`
+over every rolled-out trajectory. Pure functions of tensors; imports attnrl_core.decoding (log-probs of tokens).
 """
 
 from __future__ import annotations
@@ -79,6 +80,24 @@ def reinforce_loss(current_logits: torch.Tensor, previous_logits: torch.Tensor, 
     policy_loss = -(rewards * logp).mean()
     kl = _kl(current_logp, F.log_softmax(previous, dim=-1)).sum(dim=1).mean()
     return LossTerms(policy_loss + beta * kl, policy_loss, kl)
+
+
+def choice_target_kl(select_probs: torch.Tensor, candidate_rewards: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The selection objective [n]: sum over steps of KL(softmax(r / temperature) || p_select), where r [n, P, N]
+    is the reward each pair left would have earned (NaN for pairs not available) and p_select [n, P, N] the
+    distribution the step's pair was drawn from. The target does not depend on which pair was drawn: an
+    exact expected gradient over the choice (REPLUG's LM-supervised retrieval), not one sampled draw. A step
+    with one pair left contributes 0."""
+    assert select_probs.shape == candidate_rewards.shape and select_probs.ndim == 3, (select_probs.shape,
+                                                                                        candidate_rewards.shape)
+    available = ~torch.isnan(candidate_rewards)
+    scores = (candidate_rewards.float() / temperature).masked_fill(~available, float("-inf"))
+    target_logp = F.log_softmax(scores, dim=-1)
+    target = target_logp.exp()  # exactly 0 where not available
+    log_p = select_probs.float().clamp_min(1e-30).log()
+    # 0 * (-inf - log p) would be nan: only the available pairs enter the sum
+    terms = torch.where(available, target * (target_logp - log_p), torch.zeros_like(log_p))
+    return terms.sum(dim=(1, 2))
 
 
 def value_nll(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

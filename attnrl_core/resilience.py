@@ -24,7 +24,7 @@ from .host import free_memory
 from .model import adapter_parameters
 from .rollout import rollout
 from .trajectory import Trajectory
-from .training import UpdateResult, load_values, update_policy
+from .training import ChoiceStepResult, UpdateResult, choice_target_step, load_values, update_policy
 
 log = logging.getLogger("attnrl")
 
@@ -91,14 +91,20 @@ def rollout_resilient(model, batch, sep, geo, state: FallbackState, describe_har
 
 
 def update_resilient(model, optimizer, trajectory, selected, state: FallbackState, describe_hardware,
-                     **kwargs) -> UpdateResult | None:
+                     choice_target: dict | None = None, **kwargs) -> tuple[UpdateResult | None, ChoiceStepResult | None]:
+    """The update phase (`update_policy` on the selected trajectories, then, with `choice_target`, the
+    selection objective's step over every trajectory, `choice_target_step`), redone from its start with half
+    the micro-batch after an out-of-memory."""
     params = adapter_parameters(model)
     saved_params = [p.detach().clone() for p in params]
     saved_optimizer = copy.deepcopy(optimizer.state_dict())
     while True:
         try:
-            return update_policy(model, optimizer, trajectory, selected, training_batch_size=state.micro_batch,
-                                 gradient_accumulation_steps=state.accumulation, **kwargs)
+            sizes = dict(training_batch_size=state.micro_batch, gradient_accumulation_steps=state.accumulation)
+            upd = update_policy(model, optimizer, trajectory, selected, **sizes, **kwargs)
+            choice = None if choice_target is None else choice_target_step(
+                model, optimizer, trajectory, **sizes, **choice_target, ranks=kwargs.get("ranks"))
+            return upd, choice
         except Exception as e:  # noqa: BLE001
             if not is_out_of_memory(e):
                 raise

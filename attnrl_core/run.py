@@ -34,11 +34,11 @@ from .host import (hardware_state, keep_freed_memory, peak_memory_bytes, reset_p
 from .model import head_geometry, load_policy, load_tokenizer, resolve_device
 from .resilience import FallbackState, rollout_resilient, update_resilient
 from .rollout import rollout_options
-from .rundir import episode_metrics, prepare_run_dir, trajectory_records, write_config
+from .rundir import choice_metrics, episode_metrics, prepare_run_dir, trajectory_records, write_config
 from .tracking import Trackers, parse_report_to
 from .filtering import RunningStats, filter_batch
 from .loss import advantages
-from .training import make_optimizer, read_length, update_options
+from .training import choice_target_options, make_optimizer, read_length, update_options
 from .viz import save_run_figures
 
 log = logging.getLogger("attnrl")
@@ -157,21 +157,22 @@ def _train(cfg: TrainConfig, ranks: Ranks, out: Path, ckpt: Path | None, device:
                 t0 = time.perf_counter()
                 batch, mine = next(batches)
                 # 2-3. trajectories and rewards; every rank rolls out its rows and sees the whole batch's
-                local = rollout_resilient(model, mine, sep, geo, sizes, describe,
-                                          rows=ranks.rows(batch.batch_size), **rollout_options(cfg))
+                local = rollout_resilient(model, mine, sep, geo, sizes, describe, rows=ranks.rows(batch.batch_size),
+                                          oracle=cfg.choice_target_weight > 0, **rollout_options(cfg))
                 traj = local.gathered(batch, ranks)
                 t1 = time.perf_counter()
                 # 4-6. filtering, then the policy update on the selected trajectories
-                finite, selected, threshold, advantage, upd = _filter_and_update(
+                finite, selected, threshold, advantage, upd, choice = _filter_and_update(
                     cfg, episode, model, optimizer, traj, local, stats, sizes, describe, ranks, device)
                 t2 = time.perf_counter()
-                nonfinite_streak = _nonfinite_streak(nonfinite_streak, finite, upd, cfg.max_nonfinite)
+                nonfinite_streak = _nonfinite_streak(nonfinite_streak, finite and not (choice and choice.skipped), upd,
+                                                     cfg.max_nonfinite)
                 stopping = ranks.any(stop.signal is not None)
                 if ranks.main:  # 7. logging and checkpoints
                     metrics = episode_metrics(episode, traj, selected, threshold, upd, stats, finite, (t1 - t0, t2 - t1),
                                               _tokens_read(traj, selected, upd, local.query_logits is None), advantage,
                                               devices=ranks.world, peak_memory_bytes=peak_memory_bytes(device),
-                                              **vars(sizes))
+                                              **choice_metrics(local, choice), **vars(sizes))
                     if heldout is not None and (episode % cfg.eval_every == 0 or episode == cfg.num_episodes):
                         metrics.update(trained_policy_score(model, heldout, sep, geo, cfg))
                     _write_logs(out, trackers, metrics, trajectory_records(traj, tokenizer, episode, selected))
@@ -211,19 +212,20 @@ def _rank_batches(cfg: TrainConfig, tokenizer, embed, start: DataPosition, ranks
 def _filter_and_update(cfg: TrainConfig, episode: int, model, optimizer, traj, local, stats: RunningStats,
                        sizes: FallbackState, describe, ranks: Ranks, device: torch.device):
     """Steps 4-6 on the global batch `traj` (`local`: this rank's rows of it): the filter against the statistics
-    before this batch, the batch added to them, the update. (finite, selected, threshold, advantage, update)."""
+    before this batch, the batch added to them, the update (and the selection objective's step over every
+    trajectory, when it is on). (finite, selected, threshold, advantage, update, choice step)."""
     rewards = traj.avg_reward.float().cpu()
     finite = bool(torch.isfinite(rewards).all())
     selected, threshold = filter_batch(rewards, stats, cfg.warmup_trajectories, cfg.filter_num_sd)
     advantage = advantages(rewards, cfg.reward_baseline, stats.mean, cfg.trajectories_per_article)
     if not finite:
         log.warning("episode %d: non-finite reward; update skipped, statistics unchanged", episode)
-        return finite, torch.zeros_like(selected), threshold, advantage, None
+        return finite, torch.zeros_like(selected), threshold, advantage, None, None
     stats.update(rewards)
-    upd = update_resilient(model, optimizer, local, selected, sizes, describe, rewards=advantage, ranks=ranks,
-                           **update_options(cfg))
+    upd, choice = update_resilient(model, optimizer, local, selected, sizes, describe, rewards=advantage, ranks=ranks,
+                                   choice_target=choice_target_options(cfg), **update_options(cfg))
     ranks.sync_rng(device)  # the update's dropout draws differ between ranks
-    return finite, selected, threshold, advantage, upd
+    return finite, selected, threshold, advantage, upd, choice
 
 
 def _prepare_host(cfg: TrainConfig, device: torch.device) -> None:

@@ -25,13 +25,13 @@ import torch
 
 from .checkpoint import latest_valid_checkpoint
 from .config import TrainConfig
-from .diagnostics import key_cosine, query_distinct, selection_entropy, selection_top_ratio
+from .diagnostics import key_cosine, oracle_fraction, query_distinct, selection_entropy, selection_top_ratio
 from .files import atomic_write_text, read_jsonl
 
 if TYPE_CHECKING:
     from .trajectory import Trajectory
     from .filtering import RunningStats
-    from .training import UpdateResult
+    from .training import ChoiceStepResult, UpdateResult
 
 METRICS = {
     "episode": "episode number, from 1",
@@ -78,6 +78,13 @@ METRICS = {
     "key_cosine": "mean pairwise cosine of the key embeddings in a trajectory's pool (near 1: keys alike, "
                   "so no query can tell them apart)",
     "query_distinct": "distinct query-token bigrams / all bigrams in the batch (falling: queries collapse to one text)",
+    "oracle_fraction": "training batch's per-step oracle fraction: sum(chosen - mean) / sum(best - mean) over its "
+                       "trajectories and steps, where best and mean are the best and the average reward of the pairs "
+                       "left at the step (0 = random choice, 1 = the best pair every step); only when every pair is "
+                       "scored (choice_target_weight > 0), process 0's rows in a data-parallel run",
+    "choice_kl": "selection objective: mean over trajectories of sum_steps KL(softmax(r_candidates / tau) || p_select), "
+                 "measured in its step (only with choice_target_weight > 0)",
+    "choice_grad_norm": "pre-clip gradient norm of the selection objective's step (only with choice_target_weight > 0)",
     "eval_reward": "held-out reward of the trained policy (only every eval_every episodes)",
     "eval_logprob": "held-out mean value log-prob of the trained policy (only every eval_every episodes)",
 }
@@ -116,6 +123,20 @@ def episode_metrics(episode: int, traj: "Trajectory", selected: torch.Tensor, th
     }
     assert set(METRICS) <= set(row), set(METRICS) - set(row)
     return row
+
+
+def choice_metrics(traj: "Trajectory", choice: "ChoiceStepResult | None") -> dict:
+    """oracle_fraction, choice_kl and choice_grad_norm (METRICS) of a batch rolled out with its candidates scored
+    and of the selection objective's step; null where absent."""
+    fraction = None
+    if traj.candidate_rewards is not None:
+        cand = traj.candidate_rewards.float().cpu()  # [B, P, N], NaN where not available
+        best, mean = cand.nan_to_num(float("-inf")).amax(dim=2), cand.nanmean(dim=2)
+        fraction = oracle_fraction(traj.rewards.float().cpu().flatten().numpy(), mean.flatten().numpy(),
+                                   best.flatten().numpy(), num_samples=1)["fraction"]
+        fraction = fraction if math.isfinite(fraction) else None
+    return {"oracle_fraction": fraction, "choice_kl": choice.kl if choice else None,
+            "choice_grad_norm": choice.grad_norm if choice else None}
 
 
 def selection_diagnostics(traj: "Trajectory") -> dict:

@@ -6,7 +6,8 @@ of `loss.reinforce_loss` on one teacher-forced pass over each trajectory's final
 only at query positions), 8-bit Adam on the adapter, gradient norm clipped.
 
 Research levers (TrainConfig; each default is SPEC's): `choice_in_loss` adds log p(chosen pair |
-query) to each step's log-prob (`embeddings.choice_logprob`); `value_nll_weight` adds the policy's
+query) to each step's log-prob (`embeddings.choice_logprob`); `choice_target_weight` adds one optimizer
+step per episode of the selection objective over every rolled-out trajectory (`choice_target_step`); `value_nll_weight` adds the policy's
 NLL of the chosen values, predicted in the same pass; `kl_reference="base"` measures the KL against
 the adapter-disabled base model; the loss's R is `loss.advantages` of the reward.
 
@@ -30,8 +31,8 @@ from torch import nn
 
 from .config import TrainConfig
 from .distributed import Ranks
-from .embeddings import choice_logprob
-from .loss import reinforce_loss, value_nll
+from .embeddings import choice_logprob, selection_probabilities
+from .loss import choice_target_kl, reinforce_loss, value_nll
 from .model import adapter_parameters, base_model
 from .trajectory import Trajectory
 
@@ -198,6 +199,53 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory
                         sums["value_nll"] / n if value_nll_weight else None)
 
 
+@dataclass
+class ChoiceStepResult:
+    kl: float  # mean over the batch's trajectories of sum_steps KL(target || p_select), measured in the step's pass
+    grad_norm: float  # pre-clip
+    skipped: bool  # the loss or gradient was not finite: no step taken
+
+
+def choice_target_step(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory: Trajectory, *, weight: float,
+                       target_temperature: float, training_batch_size: int, gradient_accumulation_steps: int = 1,
+                       max_grad_norm: float = 1.0, similarity_temperature: float = 1.0, similarity_layer: int = -1,
+                       ranks: Ranks | None = None) -> ChoiceStepResult:
+    """The selection objective's optimizer step (`choice_target_weight`): weight x the mean over *every*
+    trajectory of the batch of `loss.choice_target_kl` (the target does not depend on a trajectory's own
+    reward, so the filter does not apply), read in micro-batches of `training_batch_size` (the accumulation
+    only matters to the out-of-memory fallback, which keeps their product). p_select is computed as the
+    rollout drew from it (same layer, temperature and pairs left); its gradient reaches the adapter through
+    the query's q_proj embedding and the layers below it. With `ranks`, `trajectory` holds this rank's rows
+    and the gradients are summed over the ranks, each rank weighted by its share of the global batch."""
+    assert trajectory.candidate_rewards is not None, "roll the batch out with oracle=True (the candidates' rewards)"
+    ranks = ranks or Ranks()
+    del gradient_accumulation_steps  # every row is one step's: the micro-batch size alone sets the memory
+    params = adapter_parameters(model)
+    device = trajectory.queries.device
+    B, total = trajectory.batch_size, trajectory.batch_size * ranks.world
+    # rollout tensors are inference tensors: clone them into ordinary ones for autograd
+    queries, available = trajectory.queries.clone(), trajectory.available.clone()
+    keys, rewards = trajectory.batch.key_embeddings.to(device).clone(), trajectory.candidate_rewards.clone()
+    optimizer.zero_grad(set_to_none=True)
+    model.train()
+    kl_sum = 0.0
+    for mb in torch.arange(B, device=device).split(training_batch_size):
+        probs = selection_probabilities(model, queries[mb], keys[mb], available[mb], similarity_temperature,
+                                        similarity_layer)  # [n, P, N]
+        kl = choice_target_kl(probs, rewards[mb], target_temperature)  # [n]
+        (weight * kl.sum() / total).backward()
+        kl_sum += kl.sum().item()
+    model.eval()
+    ranks.sum_gradients(params)
+    kl_sum = ranks.sum([kl_sum])[0]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+    skipped = not (math.isfinite(kl_sum) and math.isfinite(norm))
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return ChoiceStepResult(kl_sum / total, norm, skipped)
+
+
 def _reference_logits(model: nn.Module, trajectory: Trajectory, rows: torch.Tensor, tokens: torch.Tensor,
                       positions: torch.Tensor, params: list[nn.Parameter], previous: list[torch.Tensor] | None,
                       kl_reference: str) -> torch.Tensor:
@@ -216,6 +264,15 @@ def update_options(cfg: TrainConfig) -> dict:
     return dict(beta=cfg.kl_beta, max_grad_norm=cfg.max_grad_norm, query_temperature=cfg.query_temperature,
                 kl_reference=cfg.kl_reference, value_nll_weight=cfg.value_nll_weight,
                 choice_in_loss=bool(cfg.choice_in_loss), similarity_temperature=cfg.temperature,
+                similarity_layer=cfg.similarity_layer)
+
+
+def choice_target_options(cfg: TrainConfig) -> dict | None:
+    """`choice_target_step`'s keywords from a config; None when the selection objective is off (SPEC's)."""
+    if not cfg.choice_target_weight:
+        return None
+    return dict(weight=cfg.choice_target_weight, target_temperature=cfg.choice_target_temperature,
+                max_grad_norm=cfg.max_grad_norm, similarity_temperature=cfg.temperature,
                 similarity_layer=cfg.similarity_layer)
 
 

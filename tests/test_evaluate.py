@@ -129,6 +129,8 @@ def test_training_never_sees_heldout_articles_and_logs_eval(small_run):
     assert not any(is_heldout(t["article_id"], 0.1) for t in trajs)
     metrics = read_jsonl(small_run / "metrics.jsonl")
     assert all(isinstance(m["eval_reward"], float) for m in metrics)
+    # SPEC's defaults: no selection objective, so no step of it and no candidates scored in training
+    assert all(m["choice_kl"] is None and m["oracle_fraction"] is None for m in metrics)
 
 
 def test_evaluate_command_prints_the_table_and_the_json_report(small_run, capsys):

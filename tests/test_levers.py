@@ -11,11 +11,13 @@ import torch
 from attnrl_core.config import TrainConfig
 from attnrl_core.data import iter_key_value_batches, iter_pair_batches
 from attnrl_core.diagnostics import learning_figure
-from attnrl_core.embeddings import choice_logprob, extract_embeddings, key_embedding_fn, query_embeddings
-from attnrl_core.loss import advantages
+from attnrl_core.embeddings import (choice_logprob, extract_embeddings, key_embedding_fn, query_embeddings,
+                                   selection_probabilities)
+from attnrl_core.loss import advantages, choice_target_kl
 from attnrl_core.model import attach_adapter, attention_layer, base_model
 from attnrl_core.rollout import rollout
-from attnrl_core.training import make_optimizer, query_logits, update_policy, value_nll
+from attnrl_core.training import (choice_target_options, choice_target_step, make_optimizer, query_logits,
+                                 update_policy, value_nll)
 
 from .conftest import SEP, make_batch, tiny_config, tiny_llama
 
@@ -134,6 +136,103 @@ def test_choice_in_loss_changes_the_update_only_through_the_choice():
     assert results[True][0] == pytest.approx(results[False][0] + results[True][1], rel=1e-4, abs=1e-5)
 
 
+# -- choice_target_weight: the selection objective --------------------------------------------------------
+def test_choice_target_kl_is_zero_at_the_target_and_positive_elsewhere():
+    rewards = torch.tensor([[[0.1, -0.2, float("nan"), 0.3], [float("nan"), 0.5, float("nan"), float("nan")]]])
+    available = ~rewards.isnan()
+    target = torch.softmax((rewards / 0.1).masked_fill(~available, float("-inf")), dim=-1)
+    assert choice_target_kl(target, rewards, 0.1).abs().item() < 1e-6  # the forced second step adds 0 too
+    uniform = available.float() / available.sum(-1, keepdim=True)
+    expected = (target[0, 0, available[0, 0]] * (target[0, 0, available[0, 0]] / (1 / 3)).log()).sum()
+    torch.testing.assert_close(choice_target_kl(uniform, rewards, 0.1), expected.view(1))
+
+
+def _choice_rollout(model, cfg, layer=-1):
+    return _rollout(model, cfg, similarity_temperature=3.0, oracle=True, similarity_layer=layer)
+
+
+def _selection_kl(model, traj, tau, layer=-1):
+    with torch.no_grad():
+        probs = selection_probabilities(model, traj.queries.clone(), traj.batch.key_embeddings.clone(),
+                                        traj.available.clone(), 3.0, layer)
+    return choice_target_kl(probs, traj.candidate_rewards.clone(), tau).mean().item(), probs
+
+
+def test_selection_probabilities_are_the_rollouts_and_one_step_moves_them_toward_the_target(policy):
+    cfg = tiny_config(num_kv_pairs=8, learning_rate=1e-2)
+    traj = _choice_rollout(policy, cfg)
+    before, probs = _selection_kl(policy, traj, 0.05)
+    torch.testing.assert_close(probs, traj.probabilities, rtol=0, atol=1e-6)  # what the rollout drew from
+    step = choice_target_step(policy, make_optimizer(policy, cfg), traj, weight=1.0, target_temperature=0.05,
+                              training_batch_size=3, similarity_temperature=3.0)  # 4 rows: micro-batches of 3 + 1
+    assert step.kl == pytest.approx(before, rel=1e-5) and not step.skipped
+    after, _ = _selection_kl(policy, traj, 0.05)
+    assert after < before - 1e-3
+
+
+def test_the_selection_objective_reaches_the_q_proj_lora_of_the_similarity_layer_only(policy):
+    cfg = tiny_config(num_kv_pairs=8)
+    traj = _choice_rollout(policy, cfg, layer=0)
+    probs = selection_probabilities(policy, traj.queries.clone(), traj.batch.key_embeddings.clone(),
+                                    traj.available.clone(), 3.0, 0)
+    choice_target_kl(probs, traj.candidate_rewards.clone(), 0.1).sum().backward()
+    grads = {n: p.grad for n, p in policy.named_parameters() if "lora" in n}
+    layer0 = [g for n, g in grads.items() if "layers.0.self_attn.q_proj" in n]
+    assert layer0 and all(g is not None and g.abs().sum() > 0 for g in layer0)
+    assert all(g is None for n, g in grads.items() if "layers.1." in n)  # above the similarity layer: unreached
+
+
+def _from_scratch_logprob(model, ids: torch.Tensor, T: int) -> torch.Tensor:
+    """Mean log p of the last T tokens of ids [1, S], re-encoding everything (no cache)."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, -T - 1:-1].float(), dim=-1)
+    return logp.gather(1, ids[0, -T:, None]).mean()
+
+
+def test_candidate_rewards_equal_re_encoding_each_candidate_from_scratch(policy):
+    cfg = tiny_config(num_kv_pairs=8)
+    traj = _choice_rollout(policy, cfg)
+    values, Tv = traj.batch.value_tokens, cfg.tokens_per_value
+    checked = 0
+    for b, t in itertools.product(range(2), range(traj.num_steps)):
+        context = traj.tokens[b:b + 1, :traj.initial_length + t * traj.step_length]
+        for k in traj.available[b, t].nonzero()[:, 0].tolist():
+            def seq(query):
+                return torch.cat([context, SEP.query[None], query[None], SEP.response[None], values[b, k][None]], 1)
+            policy_lp = _from_scratch_logprob(policy, seq(traj.queries[b, t]), Tv)
+            with base_model(policy):
+                base_lp = _from_scratch_logprob(policy, seq(traj.counterfactuals[b, t]), Tv)
+            assert traj.candidate_rewards[b, t, k].item() == pytest.approx((policy_lp - base_lp).item(), abs=1e-4)
+            checked += 1
+        assert torch.isnan(traj.candidate_rewards[b, t, ~traj.available[b, t]]).all()
+    assert checked == 2 * (4 + 3 + 2 + 1)  # pools of 4: every pair left at every step
+
+
+def test_the_update_phase_takes_the_selection_step_over_every_trajectory_even_when_none_is_selected(policy):
+    from attnrl_core.resilience import FallbackState, update_resilient
+    from attnrl_core.rundir import choice_metrics
+
+    cfg = tiny_config(num_kv_pairs=8, choice_target_weight=1.0)
+    traj = _choice_rollout(policy, cfg)
+    upd, choice = update_resilient(policy, make_optimizer(policy, cfg), traj, torch.zeros(4, dtype=torch.bool),
+                                   FallbackState(4, 2, 1), str, choice_target=choice_target_options(cfg),
+                                   similarity_temperature=3.0)
+    assert upd is None and choice is not None and choice.kl > 0
+    metrics = choice_metrics(traj, choice)
+    cand = traj.candidate_rewards
+    best, mean = cand.nan_to_num(float("-inf")).amax(2), cand.nanmean(2)
+    expected = ((traj.rewards - mean).sum() / (best - mean).sum()).item()
+    assert metrics["choice_kl"] == choice.kl and metrics["oracle_fraction"] == pytest.approx(expected, rel=1e-5)
+    assert choice_metrics(_rollout(policy, cfg), None) == {"oracle_fraction": None, "choice_kl": None,
+                                                          "choice_grad_norm": None}
+
+
+def test_the_selection_objective_is_off_by_default_and_specs_loss_has_no_selection_term():
+    assert TrainConfig().choice_target_weight == 0.0 and choice_target_options(TrainConfig()) is None
+    cfg = TrainConfig.from_preset("embedded", choice_target_weight=0.5, choice_target_temperature=0.2)
+    assert choice_target_options(cfg)["weight"] == 0.5 and choice_target_options(cfg)["target_temperature"] == 0.2
+
+
 # -- value_nll_weight -----------------------------------------------------------------------------------
 def test_value_nll_is_the_rollouts_policy_logprob_and_it_learns_the_values(policy):
     cfg = tiny_config(learning_rate=2e-2)
@@ -206,6 +305,8 @@ def test_trajectories_per_article_repeats_each_article_with_one_pool(smol_tokeni
     (dict(choice_in_loss=2), "choice_in_loss"),
     (dict(value_nll_weight=-1.0), "value_nll_weight"),
     (dict(max_train_articles=-1), "max_train_articles"),
+    (dict(choice_target_weight=-0.1), "choice_target_weight"),
+    (dict(choice_target_temperature=0.0), "choice_target_temperature"),
 ])
 def test_bad_lever_values_are_one_line_errors(bad, match):
     with pytest.raises(ValueError, match=match):
