@@ -182,30 +182,8 @@ def test_the_selection_objective_reaches_the_q_proj_lora_of_the_similarity_layer
     assert all(g is None for n, g in grads.items() if "layers.1." in n)  # above the similarity layer: unreached
 
 
-def _from_scratch_logprob(model, ids: torch.Tensor, T: int) -> torch.Tensor:
-    """Mean log p of the last T tokens of ids [1, S], re-encoding everything (no cache)."""
-    with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=ids).logits[0, -T - 1:-1].float(), dim=-1)
-    return logp.gather(1, ids[0, -T:, None]).mean()
-
-
-def test_candidate_rewards_equal_re_encoding_each_candidate_from_scratch(policy):
-    cfg = tiny_config(num_kv_pairs=8)
-    traj = _choice_rollout(policy, cfg)
-    values, Tv = traj.batch.value_tokens, cfg.tokens_per_value
-    checked = 0
-    for b, t in itertools.product(range(2), range(traj.num_steps)):
-        context = traj.tokens[b:b + 1, :traj.initial_length + t * traj.step_length]
-        for k in traj.available[b, t].nonzero()[:, 0].tolist():
-            def seq(query):
-                return torch.cat([context, SEP.query[None], query[None], SEP.response[None], values[b, k][None]], 1)
-            policy_lp = _from_scratch_logprob(policy, seq(traj.queries[b, t]), Tv)
-            with base_model(policy):
-                base_lp = _from_scratch_logprob(policy, seq(traj.counterfactuals[b, t]), Tv)
-            assert traj.candidate_rewards[b, t, k].item() == pytest.approx((policy_lp - base_lp).item(), abs=1e-4)
-            checked += 1
-        assert torch.isnan(traj.candidate_rewards[b, t, ~traj.available[b, t]]).all()
-    assert checked == 2 * (4 + 3 + 2 + 1)  # pools of 4: every pair left at every step
+# The candidates' rewards equal re-encoding each candidate from scratch:
+# tests/test_rollout.py::test_oracle_scores_every_pair_left_as_re_encoding_would.
 
 
 def test_the_update_phase_takes_the_selection_step_over_every_trajectory_even_when_none_is_selected(policy):
