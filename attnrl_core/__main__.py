@@ -167,26 +167,25 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if any(r[1] == "FAIL" for r in rows) else 0
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
-    return value
+def _integer_at_least(minimum: int, all_means: int | None = None):
+    """An argparse type: an integer >= `minimum` (and, with `all_means`, the word "all" standing for it)."""
+    def parse(text: str) -> int:
+        if all_means is not None and text == "all":
+            return all_means
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer" +
+                                             (" or 'all'" if all_means is not None else "")) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is not >= {minimum}")
+        return value
+
+    return parse
 
 
-def _count_or_all(text: str) -> int:
-    if text == "all":
-        return 0
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer or 'all'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 0")
-    return value
+_positive = _integer_at_least(1)
+_count_or_all = _integer_at_least(0, all_means=0)
 
 
 class _Parser(argparse.ArgumentParser):
