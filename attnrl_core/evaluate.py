@@ -220,19 +220,28 @@ def _evaluate_checkpoint(cfg: TrainConfig, run_dir: Path, path: Path, device: to
     return report
 
 
-def power_note(report: dict) -> str:
-    """Whether the report's intervals can mean anything, in one sentence: its article count against the
-    `articles_needed` (the report's `power`) for a 95% half-width of 0.01 on trained - random."""
-    p = report.get("power", {})
-    head = f"{report['articles']} held-out articles x {report['samples_per_article']} samples"
-    if p.get("articles_needed") is None:
-        return (f"{head}: too few articles to estimate the between-article spread, so these intervals mean nothing; "
-                "evaluate on more articles (the command line's default is 16; `--num_articles 0` takes all)")
-    enough = p["articles_needed"] <= report["articles"]
-    return (f"{head}: trained-random's 95% half-width is {p['half_width']:.4f}; a half-width of "
-            f"{p['target_half_width']} needs about {p['articles_needed']} articles at these windows and samples, so "
-            + ("these are enough." if enough else f"{report['articles']} articles are too few: the intervals above are "
-               "too wide to tell the methods apart, whatever their signs."))
+def power_note(report: dict, min_articles: int = 10) -> str:
+    """Whether the report's intervals can mean anything, in one sentence for a reader: the articles evaluated
+    against the `articles_needed` (the report's `power`) for a 95% half-width of 0.01 on trained - random. Fewer
+    than `min_articles` never suffice: a bootstrap over 3 articles has only 10 distinct resamples."""
+    p, n = report.get("power", {}), report["articles"]
+    head = f"{n} held-out articles x {report['samples_per_article']} samples: "
+    sd, need = p.get("between_article_sd"), p.get("articles_needed")
+    if sd is None:
+        sized = "too few articles to estimate the between-article spread"
+    elif sd == 0:
+        sized = ("trained and random scored the same on every unit (a near-uniform policy draws the pairs random "
+                 "draws), so there is no spread to size an interval from")
+    else:
+        sized = (f"trained-random's 95% half-width is {p['half_width']:.4f}; a half-width of {p['target_half_width']} "
+                 f"needs about {need} articles at these windows and samples")
+    if not sd or n < min_articles:
+        return head + sized + ("; too few for the intervals above to mean anything: read them as a check that the "
+                               f"comparison runs, and evaluate on {max(need or 0, min_articles)} or more articles for "
+                               "evidence.")
+    if need > n:
+        return head + sized + f"; differences smaller than about ±{p['half_width']:.3f} cannot be told from zero here."
+    return head + sized + "; these are enough."
 
 
 def format_report(report: dict) -> str:

@@ -331,6 +331,7 @@ def plot_evaluation(report: dict):
         steps = r["logprob_per_step"]
         axes[2].plot(range(len(steps)), steps, "o-", label=m)
     axes[2].set(title="value log-prob per step", xlabel="step")
+    axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[2].legend(fontsize=8)
     fig.suptitle(f"{report['checkpoint']} on {report['units']} held-out units of {report['articles']} articles x "
                  f"{report['samples_per_article']} samples")
