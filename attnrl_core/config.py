@@ -192,6 +192,15 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def describe(self) -> str:
+        """One field per line (`name  value`), fields that differ from the preset's defaults marked `*`: the
+        config as a reader checks it, where the dataclass's repr is one long line."""
+        base = PRESETS.get(self.preset, {})
+        default = {f.name: base.get(f.name, f.default) for f in fields(self)}
+        width = max(len(f.name) for f in fields(self))
+        return "\n".join(f"{'*' if getattr(self, f.name) != default[f.name] and f.name != 'preset' else ' '} "
+                         f"{f.name:{width}s}  {getattr(self, f.name)!r}" for f in fields(self))
+
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
@@ -246,11 +255,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def project_path(*parts: str) -> Path:
-    """A path in this checkout (runs/, figures/) whatever the working directory — notebooks run from
-    notebooks/ under nbmake and from anywhere under papermill. Falls back to the working directory."""
+def project_path(*parts: str | Path) -> Path:
+    """A path a reader types, resolved from the repository root whatever the working directory: a notebook's
+    kernel runs in notebooks/ (JupyterLab, nbmake) or wherever papermill was started, and `runs/NAME` must
+    mean the same run in all of them. An absolute path (or `~/...`) stays as it is. Outside a checkout (an
+    installed package) relative paths fall back to the working directory."""
     root = Path(__file__).resolve().parents[1]
-    return (root if (root / "pyproject.toml").is_file() else Path.cwd()).joinpath(*parts)
+    base = root if (root / "pyproject.toml").is_file() else Path.cwd()
+    return base.joinpath(*(Path(p).expanduser() for p in parts))  # joinpath keeps an absolute part as it is
 
 
 def default_run_dir(preset: str) -> Path:

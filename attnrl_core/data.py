@@ -232,3 +232,18 @@ def pair_table(batch: KeyValueBatch, tokenizer, row: int = 0) -> list[dict]:
              "key": tokenizer.decode(batch.key_tokens[row, i]), "value": tokenizer.decode(batch.value_tokens[row, i]),
              "key_ids": batch.key_tokens[row, i].tolist(), "value_ids": batch.value_tokens[row, i].tolist()}
             for i in range(batch.key_tokens.shape[1])]
+
+
+def retokenisation_drift(token_ids: torch.Tensor, tokenizer, chunk: int) -> list[dict]:
+    """Cut `token_ids` [T] into consecutive `chunk`-token pieces, as the pairs are cut, and return the pieces
+    whose decoded text encodes back to other ids: `start`, `text`, `ids` and `again` (the re-encoded ids), and
+    `at`, the first position where they differ. Shows why sequences are built from ids, never from text."""
+    drift = []
+    for start in range(0, len(token_ids) - chunk + 1, chunk):
+        ids = token_ids[start:start + chunk].tolist()
+        text = tokenizer.decode(ids)
+        again = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if again != ids:
+            at = next((i for i, (a, b) in enumerate(zip(ids, again)) if a != b), min(len(ids), len(again)))
+            drift.append({"start": start, "text": text, "ids": ids, "again": again, "at": at})
+    return drift

@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -213,8 +214,34 @@ def _evaluate_checkpoint(cfg: TrainConfig, run_dir: Path, path: Path, device: to
         out = run_dir / "eval"
         out.mkdir(exist_ok=True)
         atomic_write_text(out / f"{path.name}.json", json.dumps(report, indent=1))
-        plot_evaluation(report).savefig(out / f"{path.name}.png", dpi=110)
+        fig = plot_evaluation(report)
+        fig.savefig(out / f"{path.name}.png", dpi=110)
+        plt.close(fig)  # else a notebook that draws the report itself shows this figure a second time
     return report
+
+
+def power_note(report: dict, min_articles: int = 10) -> str:
+    """Whether the report's intervals can mean anything, in one sentence for a reader: the articles evaluated
+    against the `articles_needed` (the report's `power`) for a 95% half-width of 0.01 on trained - random. Fewer
+    than `min_articles` never suffice: a bootstrap over 3 articles has only 10 distinct resamples."""
+    p, n = report.get("power", {}), report["articles"]
+    head = f"{n} held-out articles x {report['samples_per_article']} samples: "
+    sd, need = p.get("between_article_sd"), p.get("articles_needed")
+    if sd is None:
+        sized = "too few articles to estimate the between-article spread"
+    elif sd == 0:
+        sized = ("trained and random scored the same on every unit (a near-uniform policy draws the pairs random "
+                 "draws), so there is no spread to size an interval from")
+    else:
+        sized = (f"trained-random's 95% half-width is {p['half_width']:.4f}; a half-width of {p['target_half_width']} "
+                 f"needs about {need} articles at these windows and samples")
+    if not sd or n < min_articles:
+        return head + sized + ("; too few for the intervals above to mean anything: read them as a check that the "
+                               f"comparison runs, and evaluate on {max(need or 0, min_articles)} or more articles for "
+                               "evidence.")
+    if need > n:
+        return head + sized + f"; differences smaller than about ±{p['half_width']:.3f} cannot be told from zero here."
+    return head + sized + "; these are enough."
 
 
 def format_report(report: dict) -> str:

@@ -47,6 +47,19 @@ def selection_threshold(stats: RunningStats, warmup: int, num_sd: float = 1.0) -
     return stats.mean + num_sd * stats.std
 
 
+def warmup_message(seen: int, warmup: int) -> str:
+    """What a run still in warm-up has done, for the console and the notebooks: `seen` rewards are in the
+    statistics, `warmup` are needed before the filter selects anything (and so before anything trains)."""
+    need = max(warmup, 2)
+    return (f"warm-up: {seen} of {need} trajectories seen, nothing selected yet"
+            + ("; selection starts next episode" if seen >= need else ""))
+
+
+def warmup_episodes(warmup: int, batch_size: int, seen: int = 0) -> int:
+    """Episodes (of `batch_size` trajectories, `seen` already in the statistics) that select nothing."""
+    return max(0, math.ceil((max(warmup, 2) - seen) / batch_size))
+
+
 def filter_batch(rewards: torch.Tensor, stats: RunningStats, warmup: int,
                  num_sd: float = 1.0) -> tuple[torch.Tensor, float | None]:
     """(BoolTensor [B]: reward > threshold, the threshold or None in warm-up); `stats` is not modified."""

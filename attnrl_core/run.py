@@ -36,7 +36,7 @@ from .resilience import FallbackState, rollout_resilient, update_resilient
 from .rollout import rollout_options
 from .rundir import choice_metrics, episode_metrics, prepare_run_dir, trajectory_records, write_config
 from .tracking import Trackers, parse_report_to
-from .filtering import RunningStats, filter_batch
+from .filtering import RunningStats, filter_batch, warmup_episodes, warmup_message
 from .loss import advantages
 from .training import choice_target_options, make_optimizer, read_length, update_options
 from .viz import save_run_figures
@@ -148,6 +148,8 @@ def _train(cfg: TrainConfig, ranks: Ranks, out: Path, ckpt: Path | None, device:
     trackers = Trackers(parse_report_to(cfg.report_to) if ranks.main else [], out, cfg.to_dict(),
                         resume=ckpt is not None, first_step=start + 1)
     nonfinite_streak, episode = 0, start
+    if ranks.main:
+        _warn_if_all_warmup(cfg, start, stats.count)
     try:
         with _StopRequest() as stop, sharing_cpu(device):  # runs side by side share the cores
             for episode in (e + 1 for e in bar):
@@ -176,7 +178,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, out: Path, ckpt: Path | None, device:
                     if heldout is not None and (episode % cfg.eval_every == 0 or episode == cfg.num_episodes):
                         metrics.update(trained_policy_score(model, heldout, sep, geo, cfg))
                     _write_logs(out, trackers, metrics, trajectory_records(traj, tokenizer, episode, selected))
-                    _report(bar, metrics, cfg, upd)
+                    _report(bar, metrics, cfg, upd, stats.count)
                     if episode % cfg.checkpoint_every == 0 or episode == cfg.num_episodes or stopping:
                         save_checkpoint(out, episode, model, optimizer, {"stats": stats.state_dict(),
                                         "data_position": vars(batch.position)}, cfg.keep_checkpoints)
@@ -258,13 +260,25 @@ def _tokens_read(traj, selected: torch.Tensor, upd, rescored: bool) -> int:
     return tokens
 
 
-def _report(bar, metrics: dict, cfg: TrainConfig, upd) -> None:
-    """The progress bar's postfix every episode; a console summary every `log_every` episodes."""
+def _report(bar, metrics: dict, cfg: TrainConfig, upd, seen: int) -> None:
+    """The progress bar's postfix every episode; a console summary every `log_every` episodes. `seen`: rewards
+    in the statistics; an episode in warm-up says so, or "selected 0" reads as a filter that never fires."""
     episode, reward = metrics["episode"], metrics["reward"]
+    warmup = warmup_message(seen, cfg.warmup_trajectories) if metrics["threshold"] is None else ""
     if reward is not None:
-        bar.set_postfix(reward=f"{reward:+.3f}", filt=f"{metrics['filter_fraction']:.2f}")
+        bar.set_postfix(reward=f"{reward:+.3f}", filt="warm-up" if warmup else f"{metrics['filter_fraction']:.2f}")
     if episode % cfg.log_every == 0 or episode == cfg.num_episodes:
-        log.info("episode %d/%d  reward %s  running %+.4f±%.4f  selected %d  kl %s  %.1fs  %.0f tok/s",
+        log.info("episode %d/%d  reward %s  running %+.4f±%.4f  %s  kl %s  %.1fs  %.0f tok/s",
                  episode, cfg.num_episodes, "nan" if reward is None else f"{reward:+.4f}", metrics["running_mean"],
-                 metrics["running_std"], metrics["selected"], "n/a" if upd is None else f"{upd.kl:.2e}",
-                 metrics["seconds"], metrics["tokens_per_second"])
+                 metrics["running_std"], warmup or f"selected {metrics['selected']}",
+                 "n/a" if upd is None else f"{upd.kl:.2e}", metrics["seconds"], metrics["tokens_per_second"])
+
+
+def _warn_if_all_warmup(cfg: TrainConfig, start: int, seen: int) -> None:
+    """Say at the start when the whole run will stay in warm-up: it trains nothing."""
+    episodes = warmup_episodes(cfg.warmup_trajectories, cfg.generation_batch_size, seen)
+    if start + episodes >= cfg.num_episodes:
+        log.warning("warm-up: the first %d trajectories (%d episode(s) of %d) only feed the reward statistics, and this "
+                    "run has %d episode(s) left: no trajectory will be selected for the update; raise --num_episodes or lower "
+                    "--warmup_trajectories", max(cfg.warmup_trajectories, 2), episodes, cfg.generation_batch_size,
+                    cfg.num_episodes - start)

@@ -9,8 +9,8 @@
   eval/               episode-N.json and .png from `evaluate`
 
 Notebooks, the evaluation and the figures read runs through this module, never through the loop.
-Imports attnrl_core.config, .checkpoint, .diagnostics and .files (the trajectory, statistics and update
-types for hints only).
+Imports attnrl_core.config, .checkpoint, .diagnostics, .files and .filtering (the trajectory, statistics and
+update types for hints only).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from .checkpoint import latest_valid_checkpoint
 from .config import TrainConfig
 from .diagnostics import key_cosine, oracle_fraction, query_distinct, selection_entropy, selection_top_ratio
 from .files import atomic_write_text, read_jsonl
+from .filtering import warmup_message
 
 if TYPE_CHECKING:
     from .trajectory import Trajectory
@@ -182,6 +183,26 @@ def load_run(run_dir: str | Path) -> tuple[TrainConfig, list[dict], list[dict]]:
         raise ValueError(f"{str(run_dir)!r} is not a run directory (no config.json)")
     cfg = TrainConfig.from_file(run_dir / "config.json")
     return cfg, read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "trajectories.jsonl")
+
+
+def run_summary(cfg: TrainConfig, metrics: list[dict]) -> str:
+    """A run's end in plain text (episodes, final reward, selected, seconds), saying so when it never left the
+    warm-up: a notebook reopened after papermill keeps this, not the progress widget's state."""
+    if not metrics:
+        return "no episode logged yet"
+    last = metrics[-1]
+    selected = sum(m["selected"] for m in metrics)
+    trained = sum(1 for m in metrics if m.get("loss") is not None)
+    reward = "nan" if last["reward"] is None else f"{last['reward']:+.4f}"
+    lines = [f"episodes {last['episode']} of {cfg.num_episodes}, final reward {reward} (running mean "
+             f"{last['running_mean']:+.4f} ± {last['running_std']:.4f}), {selected} trajectories selected "
+             f"({trained} episodes with an update), {sum(m['seconds'] for m in metrics):.0f} s"]
+    if last.get("threshold") is None:
+        seen = cfg.generation_batch_size * sum(m["reward"] is not None for m in metrics)  # finite batches only count
+        lines.append(f"{warmup_message(seen, cfg.warmup_trajectories)}: the first {max(cfg.warmup_trajectories, 2)} "
+                     "trajectories only feed the reward statistics (warmup_trajectories); run more episodes or "
+                     "lower warmup_trajectories to see training")
+    return "\n".join(lines)
 
 
 def prepare_run_dir(cfg: TrainConfig, resume: bool) -> tuple[Path, Path | None]:

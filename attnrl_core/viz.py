@@ -9,6 +9,8 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.colors import PowerNorm
+from matplotlib.ticker import MaxNLocator
 
 from .files import read_jsonl
 
@@ -20,6 +22,17 @@ def _series(metrics: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
         return np.array([]), np.array([])
     ep, val = zip(*rows)
     return np.asarray(ep), np.asarray(val, dtype=float)
+
+
+def _episode_axis(ax) -> None:
+    """Episodes are whole numbers: no 1.25 or 1.5 ticks on a short run's axis."""
+    ax.set_xlabel("episode")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _warmup_episodes(metrics: list[dict]) -> list[int]:
+    """Episodes the filter spent in warm-up (no threshold yet: nothing could be selected)."""
+    return [m["episode"] for m in metrics if m.get("threshold") is None]
 
 
 def plot_reward_curve(metrics: list[dict], ax=None):
@@ -36,25 +49,56 @@ def plot_reward_curve(metrics: list[dict], ax=None):
     t_ep, thr = _series(metrics, "threshold")
     if len(t_ep):
         ax.plot(t_ep, thr, "--", color="tab:red", lw=1, label="selection threshold")
+    warm = _warmup_episodes(metrics)
+    if warm:  # where "selected 0" means "not yet", not "nothing good enough"
+        ax.axvspan(min(warm) - 0.5, max(warm) + 0.5, color="grey", alpha=0.12, label="warm-up (nothing selected)")
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set(xlabel="episode", ylabel="reward (Δ mean value log-prob)", title="Reward")
+    ax.set(ylabel="reward (nats per value token)", title="Reward: policy minus counterfactual value log-prob")
+    _episode_axis(ax)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def plot_training_panels(metrics: list[dict]):
+# Every panel of the training figure: metric -> (title in words, unit).
+TRAINING_PANELS = {
+    "loss": ("Update loss", "per selected trajectory"),
+    "policy_loss": ("REINFORCE term of the loss", "per selected trajectory"),
+    "kl": ("KL penalty's divergence", "nats per trajectory"),
+    "grad_norm": ("Gradient norm before clipping", "L2 norm"),
+    "filter_fraction": ("Trajectories selected", "fraction of the batch"),
+    "tokens_per_second": ("Throughput", "tokens / s"),
+    "adapter_reward": ("Reward the adapter adds", "nats per value token"),
+    "query_reward": ("Reward the query adds", "nats per value token"),
+    "selection_entropy": ("Selection entropy", "entropy / log(pairs left)"),
+    "selection_top_ratio": ("Most likely pair vs uniform", "probability x pairs left"),
+    "key_cosine": ("Similarity of the pool's keys", "mean cosine"),
+    "query_distinct": ("Variety of the queries", "distinct bigrams / all"),
+}
+UPDATE_METRICS = ("loss", "policy_loss", "kl", "grad_norm")
+
+
+def plot_training_panels(metrics: list[dict], columns: int = 3):
     """Loss, policy loss, KL, gradient norm, filter fraction, throughput, the reward's adapter and query parts
-    and the selection diagnostics per episode."""
-    keys = ["loss", "policy_loss", "kl", "grad_norm", "filter_fraction", "tokens_per_second", "adapter_reward",
-            "query_reward", "selection_entropy", "selection_top_ratio", "key_cosine", "query_distinct"]
-    fig, axes = plt.subplots(2, 6, figsize=(20, 5.5))
-    for ax, key in zip(axes.flat, keys):
+    and the selection diagnostics per episode: `columns` panels a row, titles in words with their units, so
+    the figure reads at page width."""
+    rows = -(-len(TRAINING_PANELS) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.9 * rows), squeeze=False)
+    in_warmup = bool(metrics) and all(m.get("threshold") is None for m in metrics)
+    episodes = [m["episode"] for m in metrics]
+    for ax, (key, (title, unit)) in zip(axes.flat, TRAINING_PANELS.items()):
         ep, val = _series(metrics, key)
         ax.plot(ep, val, "o-", ms=3, lw=1)
-        ax.set(title=key, xlabel="episode")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(unit, fontsize=9)
+        _episode_axis(ax)
+        if episodes:  # one episode axis for all: the update panels start after the warm-up, visibly
+            ax.set_xlim(min(episodes) - 0.3, max(episodes) + 0.3)
         if not len(ep):
-            ax.text(0.5, 0.5, "no value yet", ha="center", va="center", transform=ax.transAxes, color="grey")
+            why = "warm-up: nothing selected yet" if in_warmup and key in UPDATE_METRICS else "no value yet"
+            ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="grey")
+    for ax in axes.flat[len(TRAINING_PANELS):]:
+        ax.axis("off")
     fig.tight_layout()
     return fig
 
@@ -88,19 +132,42 @@ def plot_similarity_distribution(trajectories: list[dict]):
     return fig
 
 
-def plot_head_heatmap(head_probs: np.ndarray, key_labels: list[str] | None = None, title: str = ""):
-    """Per-head distributions [Hq, K] over keys with their mean (the selection distribution) below."""
-    head_probs = np.asarray(head_probs)
-    grid = np.vstack([head_probs, head_probs.mean(axis=0, keepdims=True)])
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * grid.shape[1] + 2), 0.35 * grid.shape[0] + 1.8))
-    im = ax.imshow(grid, aspect="auto", cmap="magma")
-    ax.set_yticks(range(grid.shape[0]), [f"head {h}" for h in range(head_probs.shape[0])] + ["mean"])
-    ax.axhline(head_probs.shape[0] - 0.5, color="white", lw=2)
-    if key_labels is not None:
-        ax.set_xticks(range(len(key_labels)), key_labels, rotation=60, ha="right", fontsize=7)
-    ax.set(xlabel="key", title=title or "Query-key probabilities per head")
-    fig.colorbar(im, ax=ax, label="probability")
-    fig.tight_layout()
+# A fixed colour scale, so that two heat maps (two redraws, two queries) compare by eye; the square root
+# spreads the small probabilities of many keys without hiding a peak.
+PROBABILITY_NORM = dict(vmin=0.0, vmax=1.0, gamma=0.5)
+
+
+def plot_head_heatmap(head_probs: np.ndarray, key_labels: list[str] | None = None, title: str = "",
+                      heads: list[int] | None = None):
+    """Per-head distributions [Hq, K] over keys with their mean (the selection distribution) below; `heads`
+    picks the rows shown (labelled by their own numbers), the mean stays the mean over every head."""
+    return plot_head_heatmaps([(head_probs, title)], key_labels, heads)
+
+
+def plot_head_heatmaps(panels: list[tuple[np.ndarray, str]], key_labels: list[str] | None = None,
+                       heads: list[int] | None = None):
+    """Side by side, one panel per (head_probs [Hq, K], title) (e.g. two queries on one article), all on the
+    same fixed colour scale (`PROBABILITY_NORM`)."""
+    norm = PowerNorm(**PROBABILITY_NORM)
+    first = np.asarray(panels[0][0])
+    heads = list(range(first.shape[0])) if heads is None else list(heads)
+    n_rows, n_keys = len(heads) + 1, first.shape[1]
+    width = max(6.0, 0.45 * n_keys + 2.5)
+    fig, axes = plt.subplots(1, len(panels), figsize=(min(width * len(panels), 14), 0.35 * n_rows + 2.6),
+                             squeeze=False, sharey=True, layout="constrained")
+    for ax, (probs, title) in zip(axes[0], panels):
+        probs = np.asarray(probs)
+        grid = np.vstack([probs[heads], probs.mean(axis=0, keepdims=True)])  # the mean is over all heads
+        im = ax.imshow(grid, aspect="auto", cmap="magma", norm=norm)
+        ax.set_yticks(range(n_rows), [f"head {h}" for h in heads] + ["mean of all"])
+        ax.axhline(len(heads) - 0.5, color="white", lw=2)
+        if key_labels is not None:
+            ax.set_xticks(range(len(key_labels)), key_labels, rotation=60, ha="right", fontsize=7)
+        ax.set_xlabel("key (pair: first words)")
+        ax.set_title(title or "Query-key probabilities per head", fontsize=9)
+    bar = fig.colorbar(im, ax=axes[0].tolist(), label="probability (fixed 0-1, square-root scale)",
+                       ticks=[0, 1 / n_keys, 0.25, 0.5, 1])
+    bar.ax.set_yticklabels(["0", f"1/{n_keys} (uniform)", "0.25", "0.5", "1"])
     return fig
 
 
@@ -121,15 +188,27 @@ def save_run_figures(run_dir: str | Path) -> list[Path]:
     return written
 
 
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Write `fig` to `path`, creating its folder (notebooks write into a run directory or an ignored folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
 # -- notebook figures ---------------------------------------------------------------------------------
 def plot_length_histogram(lengths: list[int], thresholds: dict[str, int]):
     """Article lengths in tokens with the minimum-token filter of a few settings as vertical lines."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.hist(lengths, bins=30, color="tab:blue", alpha=0.7)
+    # lengths span 10-20,000 tokens and the thresholds sit at a few hundred: on a linear axis they crowd at 0
+    low = max(1, min(min(lengths), *thresholds.values()) / 1.5)
+    ax.hist(lengths, bins=np.geomspace(low, max(max(lengths), *thresholds.values()) * 1.5, 30), color="tab:blue",
+            alpha=0.7)
+    ax.set_xscale("log")
     for (label, t), color in zip(thresholds.items(), plt.cm.autumn(np.linspace(0, 0.8, len(thresholds)))):
-        ax.axvline(t, color=color, ls="--", label=f"{label}: {sum(n >= t for n in lengths)}/{len(lengths)} pass")
-    ax.set(xlabel="tokens per article", ylabel="articles", title="Article length and the token filter")
-    ax.legend(fontsize=8)
+        ax.axvline(t, color=color, ls="--", label=f"{label} (≥ {t}): {sum(n >= t for n in lengths)}/{len(lengths)} pass")
+    ax.set(xlabel="tokens per article (log scale)", ylabel="articles", title="Article length and the token filter")
+    ax.legend(fontsize=8, loc="upper left")  # short articles are few: the left is where the bars are low
     fig.tight_layout()
     return fig
 
@@ -172,14 +251,17 @@ def plot_selection_diagnostics(metrics: list[dict]):
     """The four selection diagnostics per episode, each against the value that means "no steering"."""
     panels = (("selection_entropy", 1.0, "1 = uniform"), ("selection_top_ratio", 1.0, "1 = uniform"),
               ("key_cosine", None, ""), ("query_distinct", None, ""))
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.3))
-    for ax, (key, reference, label) in zip(axes, panels):
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.4))
+    for ax, (key, reference, label) in zip(axes.flat, panels):
         ep, val = _series(metrics, key)
         ax.plot(ep, val, "o-", ms=3, lw=1)
         if reference is not None:
             ax.axhline(reference, color="grey", ls="--", lw=1, label=label)
             ax.legend(fontsize=8)
-        ax.set(title=key, xlabel="episode")
+        title, unit = TRAINING_PANELS[key]
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(unit, fontsize=9)
+        _episode_axis(ax)
     fig.tight_layout()
     return fig
 
@@ -249,6 +331,7 @@ def plot_evaluation(report: dict):
         steps = r["logprob_per_step"]
         axes[2].plot(range(len(steps)), steps, "o-", label=m)
     axes[2].set(title="value log-prob per step", xlabel="step")
+    axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[2].legend(fontsize=8)
     fig.suptitle(f"{report['checkpoint']} on {report['units']} held-out units of {report['articles']} articles x "
                  f"{report['samples_per_article']} samples")

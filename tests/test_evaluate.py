@@ -2,6 +2,7 @@
 
 import json
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 
@@ -9,7 +10,7 @@ from attnrl_core.__main__ import main
 from attnrl_core.config import TrainConfig
 from attnrl_core.corpus import is_heldout, iter_wikipedia_articles
 from attnrl_core.data import heldout_articles
-from attnrl_core.evaluate import METHODS, compare_methods, heldout_batch, rollout_method
+from attnrl_core.evaluate import METHODS, compare_methods, heldout_batch, power_note, rollout_method
 from attnrl_core.model import head_geometry
 from attnrl_core.rollout import rollout
 from attnrl_core.files import read_jsonl
@@ -148,6 +149,8 @@ def test_evaluate_command_prints_the_table_and_the_json_report(small_run, capsys
     assert set(report["selection_entropy"]) == set(METHODS)
     trained_articles = {t["article_id"] for t in read_jsonl(small_run / "trajectories.jsonl")}
     assert not {u.split("#")[0] for u in report["unit_ids"]} & trained_articles
+    assert not plt.get_fignums()  # the saved figure is closed: a notebook that plots the report shows it once
+    assert power_note(report).startswith("3 held-out articles") and "too few" in power_note(report)
     assert (small_run / "eval" / "episode-2.png").is_file()
     # article-level intervals with their counts, the per-unit values behind them, and the power line
     assert report["paired"]["trained-random"]["articles"] == 3 and report["oracle"]["articles"] == 3
