@@ -263,9 +263,6 @@ def format_report(report: dict) -> str:
         lines.append(f"per-step oracle fraction {o['fraction']:+.3f} {ci(*o['ci'])} (rewards: chosen {o['chosen']:+.4f}, "
                      f"random choice {o['mean']:+.4f}, best pair of each step {o['best']:+.4f}; 1 = the best pair at "
                      "every step given the policy's own history, not the best order)")
-    if report.get("power", {}).get("articles_needed") is not None:
-        p = report["power"]
-        lines.append(f"power: trained-random has a 95% half-width of {p['half_width']:.4f} on {p['articles']} articles; "
-                     f"a half-width of {p['target_half_width']} needs about {p['articles_needed']} articles at these "
-                     f"windows and {p['samples_per_unit']} samples (between-article SD {p['between_article_sd']:.4f})")
+    if "power" in report:
+        lines.append("power: " + power_note(report))
     return "\n".join(lines)
