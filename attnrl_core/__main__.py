@@ -146,9 +146,15 @@ def _cmd_learning_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
-    from .experiment import format_summary, run_experiment
+    from .experiment import experiment_dir, format_summary, run_experiment
 
-    summary = run_experiment(args.file, args.output_dir, args.parallel)
+    if args.markdown:  # the tables of finished runs only: nothing is trained or evaluated
+        out = experiment_dir(args.file, args.output_dir)
+        if not (out / "summary.json").is_file():
+            raise ValueError(f"{out} has no summary.json: run `experiment {args.file}` first")
+        summary = json.loads((out / "summary.json").read_text())
+    else:
+        summary = run_experiment(args.file, args.output_dir, args.parallel)
     print(format_summary(summary, markdown=args.markdown))
     return 0
 
@@ -241,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--output_dir", default=None, help="where the runs go (default: runs/experiments/NAME)")
     exp.add_argument("--parallel", type=_positive, default=2, help="runs trained at once (each a process)")
     exp.add_argument("--markdown", action="store_true",
-                     help="print the tables as markdown (EXPERIMENTS.md's; finished runs are only read)")
+                     help="print the tables of OUT/summary.json as markdown (EXPERIMENTS.md's); trains nothing")
     exp.set_defaults(func=_cmd_experiment)
     bench = sub.add_parser("bench", help="measure rollout/update throughput against a naive path and the hardware")
     bench.add_argument("--preset", choices=["embedded", "llama-3.2-3b-shape"], default="embedded",

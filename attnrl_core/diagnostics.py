@@ -233,8 +233,10 @@ def trend_hac(rewards) -> dict:
     treats episodes as independent, is too large. This fits reward = a + slope * episode by least squares
     and estimates the slope's long-run variance with the equal-weighted cosine (EWC) estimator of Lazarus,
     Lewis, Stock and Watson (2018): B = ceil(0.4 n^(2/3)) cosine projections of the slope's score, whose
-    t statistic has a Student t distribution with B degrees of freedom, so the test keeps its size for
-    persistent series. `rewards` [E] per episode, NaN where skipped (dropped). Returns the slope per
+    t statistic is referred to a Student t distribution with B degrees of freedom. Its size is much nearer
+    nominal than the independent-episodes z for persistent series, though still above it: in simulation at
+    the 5% level it rejected 7-9% of uncorrelated and 9-12% of AR(1) (phi 0.6) runs of 60-100 episodes
+    without trend, against 26-55% for |z| > 2 at phi 0.5-0.8. `rewards` [E] per episode, NaN where skipped (dropped). Returns the slope per
     episode, its SE, t_hac = slope / SE, the degrees of freedom and the two-sided p-value."""
     r = np.asarray([np.nan if x is None else x for x in rewards], dtype=np.float64)
     x = np.arange(r.shape[0], dtype=np.float64)[np.isfinite(r)]

@@ -208,7 +208,8 @@ def _evaluate_checkpoint(cfg: TrainConfig, run_dir: Path, path: Path, device: to
                               samples_per_article, chunk=chunk, progress=progress)
     report = {"run_dir": str(run_dir), "checkpoint": path.name, "units": units,
               "articles": len(set(unit_articles(batch.article_ids))), "windows_per_article": windows_per_article,
-              "samples_per_article": samples_per_article, "unit_ids": batch.article_ids[::samples_per_article],
+              "samples_per_article": samples_per_article, "num_articles": num_articles,
+              "unit_ids": batch.article_ids[::samples_per_article],
               "seed": seed, "eval_fraction": cfg.eval_fraction, "steps": batch.pool.shape[1], **results}
     if write:
         out = run_dir / "eval"

@@ -94,9 +94,18 @@ def _cli(run_dir: Path, args: list[str], doing: str) -> None:
         raise RuntimeError(f"{doing} {run_dir} failed (exit {code}): see {log}")
 
 
+def _stale(report_file: Path, options: dict) -> bool:
+    """A report to redo: missing, written before per-unit values and article-level intervals existed, or made
+    with other evaluation options than the experiment's (its seeds and arms must share their units)."""
+    if not report_file.is_file():
+        return True
+    report = json.loads(report_file.read_text())
+    return "per_unit" not in report or any(key in report and report[key] != value for key, value in options.items())
+
+
 def _evaluate(run_dir: Path, cfg: TrainConfig, options: dict) -> dict:
     report_file = run_dir / "eval" / f"episode-{cfg.num_episodes}.json"
-    if not report_file.is_file():
+    if _stale(report_file, options):
         args = ["evaluate", "--run_dir", str(run_dir), "--checkpoint", str(cfg.num_episodes), "--json",
                 "--no_progress"]
         for key, value in options.items():
@@ -105,10 +114,15 @@ def _evaluate(run_dir: Path, cfg: TrainConfig, options: dict) -> dict:
     return json.loads(report_file.read_text())
 
 
+def experiment_dir(path: str | Path, out: str | Path | None = None) -> Path:
+    """Where an experiment file's runs go: `out`, or runs/experiments/NAME."""
+    return Path(out or Path("runs") / "experiments" / Path(path).stem)
+
+
 def run_experiment(path: str | Path, out: str | Path | None = None, parallel: int = 2) -> dict:
     """Every (arm, seed) trained and evaluated (skipping what is done), then `summarize`d into OUT/summary.json."""
     spec = load_experiment(path)
-    out = Path(out or Path("runs") / "experiments" / Path(path).stem)
+    out = experiment_dir(path, out)
     jobs = [(arm, seed) for arm in spec["arms"] for seed in spec["seeds"]]
     bar = tqdm(total=len(jobs), desc=f"{Path(path).stem}: runs trained and evaluated")
 
@@ -200,7 +214,7 @@ def _num(x: float | None, fmt: str) -> str:
 
 
 def _ci(x: dict | None, fmt: str = "+.4f") -> str:
-    if x is None or x.get("mean") is None:
+    if x is None or x.get("mean") is None or x["mean"] != x["mean"]:
         return "n/a"
     if x.get("ci") is None:
         return format(x["mean"], fmt)
@@ -270,10 +284,11 @@ def plot_experiment(summary: dict, smooth: int = 10):
     if any(v is not None for r in runs_of for v in r.get("oracle_fraction", [])):
         panels.append(("oracle_fraction", "training per-step oracle fraction"))
     heldout = all("over_seeds" in a for a in summary["arms"].values())
-    count = len(panels) + heldout
+    pairs = summary.get("pairs") or {}
+    count = len(panels) + (2 if heldout else 0) + (1 if heldout and pairs else 0)
     cols = 3
-    fig, axes = plt.subplots((count + cols - 1) // cols, cols, figsize=(4.6 * cols, 3.4 * ((count + cols - 1) // cols)),
-                             squeeze=False)
+    rows = (count + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
     axes = axes.ravel()
     for ax, (key, title) in zip(axes, panels):
         for arm, a in summary["arms"].items():
@@ -290,21 +305,33 @@ def plot_experiment(summary: dict, smooth: int = 10):
         ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0].legend(fontsize=8)
     if heldout:
-        ax = axes[len(panels)]
-        figures = ["trained-random", "trained-untrained", "trained-natural"]
-        for k, (arm, a) in enumerate(summary["arms"].items()):
-            y = np.arange(len(figures)) + (k - (len(summary["arms"]) - 1) / 2) * 0.2
-            for yi, f in zip(y, figures):
-                x = a["over_seeds"][f]
-                if x["ci"] is not None:
-                    ax.errorbar(x["mean"], yi, xerr=[[x["mean"] - x["ci"][0]], [x["ci"][1] - x["mean"]]], fmt="o",
-                                color=f"C{k}", capsize=3)
-                ax.plot(x["values"], [yi] * len(x["values"]), ".", color=f"C{k}", alpha=0.5)
-        ax.axvline(0, color="black", lw=0.5)
-        ax.set_yticks(range(len(figures)), figures)
-        ax.set_title("held out: mean over seeds, 95% t CI", fontsize=10)
-        ax.set_xlabel("reward difference (nats per value token)")
+        groups = {arm: a["over_seeds"] for arm, a in summary["arms"].items()}
+        _interval_panel(axes[len(panels)], groups, ["trained-random", "trained-untrained", "trained-natural"],
+                        "held out: mean over seeds, 95% t CI", "reward difference (nats per value token)")
+        _interval_panel(axes[len(panels) + 1], groups, ["oracle_fraction"], "held out: per-step oracle fraction",
+                        "0 = random choice, 1 = best pair every step")
+        if pairs:
+            _interval_panel(axes[len(panels) + 2], pairs, ["final_reward", "trained-random", "trained-untrained"],
+                            "arms paired by seed: difference, 95% t CI", "difference (nats per value token)")
     for ax in axes[count:]:
         ax.set_visible(False)
     fig.tight_layout()
     return fig
+
+
+def _interval_panel(ax, groups: dict, figures: list[str], title: str, xlabel: str) -> None:
+    """Each group's (arm's or pair's) over-seed mean of `figures` with its t interval, each seed a dot."""
+    for k, (name, stats_of) in enumerate(groups.items()):
+        y = np.arange(len(figures)) + (k - (len(groups) - 1) / 2) * 0.2
+        for yi, f in zip(y, figures):
+            x = stats_of[f]
+            if x["ci"] is not None:
+                ax.errorbar(x["mean"], yi, xerr=[[x["mean"] - x["ci"][0]], [x["ci"][1] - x["mean"]]], fmt="o",
+                            color=f"C{k}", capsize=3, label=name if yi == y[0] else None)
+            ax.plot(x["values"], [yi] * len(x["values"]), ".", color=f"C{k}", alpha=0.5)
+    ax.axvline(0, color="black", lw=0.5)
+    ax.set_yticks(range(len(figures)), figures)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    if any(x["ci"] is not None for g in groups.values() for x in (g[f] for f in figures)):
+        ax.legend(fontsize=7)

@@ -119,7 +119,7 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
     which rows of a global batch this batch is (a rank's share or a chunk; `distributed.global_draw`): the
     draws are the global batch's, so a trajectory does not depend on how the batch was split.
     `keep_query_logits` False drops the policy's sampling logits ([B, P*Tq, V], the update's previous
-    policy) from a rollout that will not train: evaluation's and the bench's comparisons."""
+    policy) from a rollout that will not train (evaluation's methods)."""
     assert global_rows is None or global_rows.size == batch.batch_size, (global_rows, batch.batch_size)
     assert batch.key_embeddings is not None, "run the batch through data.add_embeddings first"
     was_training = model.training

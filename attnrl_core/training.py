@@ -214,9 +214,11 @@ def choice_target_step(model: nn.Module, optimizer: torch.optim.Optimizer, traje
     trajectory of the batch of `loss.choice_target_kl` (the target does not depend on a trajectory's own
     reward, so the filter does not apply), read in micro-batches of `training_batch_size` (the accumulation
     only matters to the out-of-memory fallback, which keeps their product). p_select is computed as the
-    rollout drew from it (same layer, temperature and pairs left); its gradient reaches the adapter through
-    the query's q_proj embedding and the layers below it. With `ranks`, `trajectory` holds this rank's rows
-    and the gradients are summed over the ranks, each rank weighted by its share of the global batch."""
+    rollout drew from it (same layer, temperature and pairs left, adapter dropout off as in the rollout); its
+    gradient reaches the adapter through the query's q_proj embedding and the layers below it, and no other
+    parameter is touched. With `ranks`, `trajectory` holds this rank's rows and the gradients are summed over
+    the ranks, each rank weighted by its share of the global batch. The step is clipped and normalised by the
+    8-bit Adam it shares with the REINFORCE steps, so λ mostly sets how the two mix in Adam's moments."""
     assert trajectory.candidate_rewards is not None, "roll the batch out with oracle=True (the candidates' rewards)"
     ranks = ranks or Ranks()
     del gradient_accumulation_steps  # every row is one step's: the micro-batch size alone sets the memory
@@ -227,7 +229,7 @@ def choice_target_step(model: nn.Module, optimizer: torch.optim.Optimizer, traje
     queries, available = trajectory.queries.clone(), trajectory.available.clone()
     keys, rewards = trajectory.batch.key_embeddings.to(device).clone(), trajectory.candidate_rewards.clone()
     optimizer.zero_grad(set_to_none=True)
-    model.train()
+    model.eval()  # p_select as the rollout drew from it: no dropout, and no random draw
     kl_sum = 0.0
     for mb in torch.arange(B, device=device).split(training_batch_size):
         probs = selection_probabilities(model, queries[mb], keys[mb], available[mb], similarity_temperature,
@@ -235,10 +237,12 @@ def choice_target_step(model: nn.Module, optimizer: torch.optim.Optimizer, traje
         kl = choice_target_kl(probs, rewards[mb], target_temperature)  # [n]
         (weight * kl.sum() / total).backward()
         kl_sum += kl.sum().item()
-    model.eval()
-    ranks.sum_gradients(params)
+    # only the parameters below the similarity layer's q_proj have a gradient (the same set on every rank):
+    # summing the others as zeros would let Adam move them on old momentum in a multi-process run only
+    reached = [p for p in params if p.grad is not None]
+    ranks.sum_gradients(reached)
     kl_sum = ranks.sum([kl_sum])[0]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+    norm = torch.nn.utils.clip_grad_norm_(reached, max_grad_norm).item()
     skipped = not (math.isfinite(kl_sum) and math.isfinite(norm))
     if not skipped:
         optimizer.step()

@@ -190,12 +190,14 @@ def test_the_update_phase_takes_the_selection_step_over_every_trajectory_even_wh
     from attnrl_core.resilience import FallbackState, update_resilient
     from attnrl_core.rundir import choice_metrics
 
-    cfg = tiny_config(num_kv_pairs=8, choice_target_weight=1.0)
+    cfg = tiny_config(num_kv_pairs=8, choice_target_weight=1.0, temperature=3.0)  # the rollout's temperature
     traj = _choice_rollout(policy, cfg)
+    before, _ = _selection_kl(policy, traj, cfg.choice_target_temperature)
     upd, choice = update_resilient(policy, make_optimizer(policy, cfg), traj, torch.zeros(4, dtype=torch.bool),
                                    FallbackState(4, 2, 1), str, choice_target=choice_target_options(cfg),
                                    similarity_temperature=3.0)
-    assert upd is None and choice is not None and choice.kl > 0
+    assert upd is None and choice is not None and choice.kl == pytest.approx(before, rel=1e-5)
+    assert _selection_kl(policy, traj, cfg.choice_target_temperature)[0] < before  # the step was taken
     metrics = choice_metrics(traj, choice)
     cand = traj.candidate_rewards
     best, mean = cand.nan_to_num(float("-inf")).amax(2), cand.nanmean(2)
