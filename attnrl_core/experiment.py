@@ -221,6 +221,12 @@ def _ci(x: dict | None, fmt: str = "+.4f") -> str:
     return f"{x['mean']:{fmt}} [{x['ci'][0]:{fmt}}, {x['ci'][1]:{fmt}}]"
 
 
+def _trend(learning: dict) -> str:
+    if learning.get("t_hac") is None or learning["t_hac"] != learning["t_hac"]:
+        return "n/a"
+    return f"{learning['t_hac']:+.2f} ({learning['hac_dof']}, {learning['p_hac']:.3f})"
+
+
 def format_summary(summary: dict, markdown: bool = False) -> str:
     """The experiment's tables, computed from `summary.json`: per run (arm, seed) the final reward, the overfit
     figures and the held-out evaluation with article-level intervals; per arm the over-seed means with t
@@ -228,7 +234,7 @@ def format_summary(summary: dict, markdown: bool = False) -> str:
     def paired(p: dict, key: str) -> str:
         return _ci({"mean": p[key]["mean"], "ci": p[key]["ci"]})
 
-    runs_head = ["arm", "seed", "final reward (last 10)", "z (last - first)", "trend t (EWC)",
+    runs_head = ["arm", "seed", "final reward (last 10)", "z (last - first)", "trend t (EWC dof, p)",
                  "trained - random [95% CI]", "trained - untrained [95% CI]", "trained - natural [95% CI]",
                  "per-step oracle fraction [95% CI]", "held-out selection entropy", "units / articles"]
     rows = []
@@ -237,7 +243,7 @@ def format_summary(summary: dict, markdown: bool = False) -> str:
             lf = r["learning"] or {}
             o = r["oracle"]
             rows.append([arm, str(r["seed"]), f"{r['final_reward']:+.4f}", _num(lf.get("z"), "+.2f"),
-                         _num(lf.get("t_hac"), "+.2f"), paired(r["paired"], "trained-random"),
+                         _trend(lf), paired(r["paired"], "trained-random"),
                          paired(r["paired"], "trained-untrained"), paired(r["paired"], "trained-natural"),
                          _ci({"mean": o["fraction"], "ci": o["ci"]}, "+.3f"),
                          _num(r["eval_selection_entropy"]["trained"], ".3f"), f"{r['units']} / {r.get('articles', '?')}"])
