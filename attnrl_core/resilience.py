@@ -100,10 +100,11 @@ def update_resilient(model, optimizer, trajectory, selected, state: FallbackStat
     saved_optimizer = copy.deepcopy(optimizer.state_dict())
     while True:
         try:
-            sizes = dict(training_batch_size=state.micro_batch, gradient_accumulation_steps=state.accumulation)
-            upd = update_policy(model, optimizer, trajectory, selected, **sizes, **kwargs)
+            upd = update_policy(model, optimizer, trajectory, selected, training_batch_size=state.micro_batch,
+                                gradient_accumulation_steps=state.accumulation, **kwargs)
             choice = None if choice_target is None else choice_target_step(
-                model, optimizer, trajectory, **sizes, **choice_target, ranks=kwargs.get("ranks"))
+                model, optimizer, trajectory, training_batch_size=state.micro_batch, **choice_target,
+                ranks=kwargs.get("ranks"))
             return upd, choice
         except Exception as e:  # noqa: BLE001
             if not is_out_of_memory(e):

@@ -131,10 +131,8 @@ def choice_metrics(traj: "Trajectory", choice: "ChoiceStepResult | None") -> dic
     and of the selection objective's step; null where absent."""
     fraction = None
     if traj.candidate_rewards is not None:
-        cand = traj.candidate_rewards.float().cpu()  # [B, P, N], NaN where not available
-        best, mean = cand.nan_to_num(float("-inf")).amax(dim=2), cand.nanmean(dim=2)
-        fraction = oracle_fraction(traj.rewards.float().cpu().flatten().numpy(), mean.flatten().numpy(),
-                                   best.flatten().numpy(), num_samples=1)["fraction"]
+        best, mean = (x.cpu().flatten().numpy() for x in traj.candidate_best_and_mean)
+        fraction = oracle_fraction(traj.rewards.float().cpu().flatten().numpy(), mean, best, num_samples=1)["fraction"]
         fraction = fraction if math.isfinite(fraction) else None
     return {"oracle_fraction": fraction, "choice_kl": choice.kl if choice else None,
             "choice_grad_norm": choice.grad_norm if choice else None}

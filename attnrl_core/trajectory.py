@@ -123,6 +123,14 @@ class Trajectory:
         return self.queries.flatten(1)
 
     @property
+    def candidate_best_and_mean(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, P], [B, P]): the best and the mean reward of the pairs left at each step (the per-step oracle
+        and a uniformly random choice), from `candidate_rewards` (NaN where a pair is not available)."""
+        assert self.candidate_rewards is not None, "roll out with oracle=True"
+        cand = self.candidate_rewards.float()
+        return cand.nan_to_num(float("-inf")).amax(dim=2), cand.nanmean(dim=2)
+
+    @property
     def available_counts(self) -> torch.Tensor:  # [B, P] pairs to choose from at each step: P, P-1, .., 1
         return torch.arange(self.num_steps, 0, -1, device=self.probabilities.device).expand(self.batch_size, -1)
 
