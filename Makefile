@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-v2
 RUN    ?= runs/embedded-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup train test experiment learning-check readme-figures clean-venv
+.PHONY: setup train test test-fast experiment learning-check readme-figures clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -46,8 +46,13 @@ readme-figures: setup
 	$(PY) -m papermill --no-progress-bar notebooks/05_trajectory_analysis.ipynb outputs/05_readme.ipynb \
 		-p run_dir $(README_RUN) -p figure_path figures/reward_curve.png -p eval_articles 0
 
+# Two workers (pytest-xdist), one core each, whole files per worker: a file's module-scoped runs are made once.
 test: setup
-	$(PY) -m pytest -q tests --nbmake notebooks
+	$(PY) -m pytest -q -n 2 --dist loadfile tests --nbmake notebooks
+
+# The inner loop: the unit tests (tiny models, pure functions), no whole run, subprocess, notebook or real model.
+test-fast: setup
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import pyarrow.parquet as pq
 from datasets import IterableDataset, load_dataset
 
 from .assets import cache_dir, embedded_dataset_file
@@ -44,6 +45,13 @@ def is_local_corpus(cfg: TrainConfig) -> bool:
     """A finite corpus on this machine (the embedded sample, or a file or folder): read pass after pass,
     reshuffled each pass."""
     return cfg.dataset_name == EMBEDDED_DATASET or Path(cfg.dataset_name).exists()
+
+
+def _read_parquet_rows(path: str):
+    # The whole (small) table at once: no Arrow reader is left open between rows. `datasets`' parquet
+    # builder sleeps 5 s each time a stream over it ends or is dropped (its guard for apache/arrow#45214),
+    # which every pass, every evaluation and every test paid; the rows and their shuffled order are the same.
+    yield from pq.read_table(path).to_pylist()
 
 
 def _read_text_files(files: list[str], root: str):
@@ -84,8 +92,7 @@ def load_article_stream(cfg: TrainConfig, epoch: int = 0):
     """A `datasets` IterableDataset of articles (`id, title, text`, and `url` from the Hub), shuffled per pass
     when the corpus is local."""
     if cfg.dataset_name == EMBEDDED_DATASET:
-        ds = load_dataset("parquet", data_files={"train": str(embedded_dataset_file())}, split="train",
-                          streaming=True)
+        ds = IterableDataset.from_generator(_read_parquet_rows, gen_kwargs={"path": str(embedded_dataset_file())})
     elif is_local_corpus(cfg):
         ds = _local_stream(cfg)
     else:

@@ -1,7 +1,13 @@
 """Shared fixtures: tiny random-weight Llama models with grouped-query attention (6 query heads,
-2 KV heads) for speed, and the real embedded SmolLM2 tokenizer where tokenization is the point."""
+2 KV heads) for speed, and the real embedded SmolLM2 tokenizer where tokenization is the point.
+
+Under pytest-xdist (`make test`: two workers, whole files per worker) each worker computes on one core: it
+registers as an attnrl process, so the runs it starts in-process or as children share the cores with the
+other worker's (`host.share_cpu`), and its own torch, like the notebook kernels it starts, keeps one thread."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -10,9 +16,31 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from attnrl_core.config import TrainConfig
 from attnrl_core.data import KeyValueBatch, Separators, add_embeddings, sample_chunks, split_key_values
 from attnrl_core.embeddings import key_embedding_fn
+from attnrl_core.host import sharing_cpu
 from attnrl_core.model import attach_adapter, gqa_attention
 
 VOCAB = 320
+
+# The files that take longest, first: xdist hands files to the workers in collection order, so the long
+# ones start at once and the two workers finish close together (each name a file's basename).
+LONGEST_FIRST = ("test_kill_points.py", "test_distributed.py", "05_trajectory_analysis.ipynb", "test_reliability.py",
+                 "04_training_run.ipynb", "test_evaluate.py", "test_experiment.py", "test_end_to_end.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_core_per_worker():
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    os.environ["OMP_NUM_THREADS"] = "1"  # the notebook kernels and child processes this worker starts
+    torch.set_num_threads(1)
+    with sharing_cpu(torch.device("cpu")):
+        yield
 
 
 def tiny_llama(vocab_size: int = VOCAB, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:

@@ -153,6 +153,7 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused():
 
 
 # -- whole runs under torchrun ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_processes_run_the_one_process_run(one_process, two_processes):
     _same_run(one_process, two_processes)
     # some optimizer step held trajectories of both processes (rows 0-1 are process 0's, 2-3 process 1's)
@@ -164,6 +165,7 @@ def test_two_processes_run_the_one_process_run(one_process, two_processes):
     assert json.loads((two_processes / "config.json").read_text())["generation_batch_size"] == 4
 
 
+@pytest.mark.slow
 def test_two_process_run_killed_and_resumed_by_one_process(one_process, tmp_path):
     """Launched by `accelerate launch` (torchrun's is the test above), SIGKILLed after its first checkpoint."""
     out = tmp_path / "killed"
@@ -182,6 +184,7 @@ def test_two_process_run_killed_and_resumed_by_one_process(one_process, tmp_path
     _same_run(one_process, out)
 
 
+@pytest.mark.slow
 def test_two_nodes_meeting_at_a_rendezvous(one_process, tmp_path):
     out, port = tmp_path / "nodes", _free_port()
     nodes = [_train(out, ["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank), "--master_addr",

@@ -8,6 +8,8 @@ from attnrl_core.__main__ import main
 from attnrl_core.files import read_jsonl
 from attnrl_core.rundir import METRICS
 
+pytestmark = pytest.mark.slow  # whole runs of the real model
+
 ARGS = ["--preset", "embedded", "--num_episodes", "3", "--generation_batch_size", "4", "--training_batch_size", "2",
         "--num_kv_pairs", "4", "--warmup_trajectories", "4", "--filter_num_sd", "0", "--checkpoint_every", "2",
         "--learning_rate", "1e-3", "--report_to", "tensorboard", "--no_progress"]

@@ -125,6 +125,7 @@ def small_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_training_never_sees_heldout_articles_and_logs_eval(small_run):
     trajs = read_jsonl(small_run / "trajectories.jsonl")
     assert not any(is_heldout(t["article_id"], 0.1) for t in trajs)
@@ -134,6 +135,7 @@ def test_training_never_sees_heldout_articles_and_logs_eval(small_run):
     assert all(m["choice_kl"] is None and m["oracle_fraction"] is None for m in metrics)
 
 
+@pytest.mark.slow
 def test_evaluate_command_prints_the_table_and_the_json_report(small_run, capsys):
     assert main(["evaluate", "--run_dir", str(small_run), "--num_articles", "3", "--windows_per_article", "2",
                  "--samples_per_article", "2", "--json"]) == 0

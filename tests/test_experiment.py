@@ -12,6 +12,7 @@ TINY = {"preset": "embedded", "generation_batch_size": 4, "training_batch_size":
         "filter_num_sd": 0.0, "num_episodes": 4, "checkpoint_every": 2, "num_threads": 1}
 
 
+@pytest.mark.slow
 def test_experiment_trains_evaluates_and_skips_what_is_done(tmp_path):
     spec = {"base": TINY, "arms": {"spec": {}, "loo": {"reward_baseline": "leave_one_out",
                                                        "trajectories_per_article": 2}},

@@ -58,6 +58,7 @@ def test_a_folder_of_text_files_is_one_article_per_file(tmp_path):
     assert got["paper1.txt"]["title"] == "paper1" and got["paper1.txt"]["text"] == _article(1, 50)
 
 
+@pytest.mark.slow
 def test_training_on_a_local_jsonl(notes_jsonl, tmp_path):
     from attnrl_core.__main__ import main
     from attnrl_core.files import read_jsonl

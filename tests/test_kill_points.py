@@ -7,6 +7,8 @@ from attnrl_core.files import read_jsonl
 
 from .killpoints import RUN, final_adapter, max_difference, run_child
 
+pytestmark = pytest.mark.slow  # whole runs of the real model
+
 SCENARIOS = {  # the kill of each launch in turn; the last launch resumes without one
     "torn log line": [("write:metrics.jsonl", 3)],
     "checkpoint write": [("write:state.json", 2)],

@@ -38,6 +38,7 @@ def reference_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_an_uninterrupted_run(reference_run, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "attnrl_core", "train", *SMALL, "--num_episodes", "5",
@@ -57,6 +58,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(reference_run, tmp_path):
     assert len(read_jsonl(out / "trajectories.jsonl")) == 5 * 2
 
 
+@pytest.mark.slow
 def test_broken_checkpoint_is_skipped_for_the_previous_one(reference_run, tmp_path):
     import shutil
 
@@ -74,12 +76,14 @@ def test_broken_checkpoint_is_skipped_for_the_previous_one(reference_run, tmp_pa
         "adapter_model.safetensors is truncated or altered", "state.json is missing"]
 
 
+@pytest.mark.slow
 def test_keep_last_checkpoints(tmp_path):
     out = tmp_path / "keep"
     assert main(["train", *SMALL, "--num_episodes", "3", "--keep_checkpoints", "2", "--output_dir", str(out)]) == 0
     assert [p.name for p in list_checkpoints(out)] == ["episode-2", "episode-3"]
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     out = tmp_path / "term"
     proc = subprocess.Popen([sys.executable, "-m", "attnrl_core", "train", *SMALL, "--num_episodes", "50",
@@ -136,6 +140,7 @@ def test_bad_input_is_refused_in_one_line(case, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_resume_without_checkpoint_and_existing_run_are_refused(reference_run, tmp_path, capsys):
     before = _snapshot(reference_run)
     assert main(["train", *SMALL, "--output_dir", str(reference_run)]) == 2
@@ -148,6 +153,7 @@ def test_resume_without_checkpoint_and_existing_run_are_refused(reference_run, t
     assert _snapshot(reference_run) == before
 
 
+@pytest.mark.slow
 def test_cli_exit_code_in_a_real_process(tmp_path):
     res = subprocess.run([sys.executable, "-m", "attnrl_core", "train", "--preset", "embedded", "--kl_beta", "-1",
                           "--output_dir", str(tmp_path / "x")], capture_output=True, text=True)
@@ -155,6 +161,7 @@ def test_cli_exit_code_in_a_real_process(tmp_path):
 
 
 # -- faults during training ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_out_of_memory_in_rollout_and_update_is_survived(tmp_path, monkeypatch):
     import attnrl_core.resilience as res
 
@@ -179,6 +186,7 @@ def test_out_of_memory_in_rollout_and_update_is_survived(tmp_path, monkeypatch):
     assert sum(m["selected"] for m in metrics) > 0 and metrics[-1]["micro_batch"] == 1
 
 
+@pytest.mark.slow
 def test_out_of_memory_below_size_one_gives_up(tmp_path, monkeypatch, capsys):
     import attnrl_core.resilience as res
 
@@ -190,6 +198,7 @@ def test_out_of_memory_below_size_one_gives_up(tmp_path, monkeypatch, capsys):
         main(["train", *SMALL, "--num_episodes", "2", "--output_dir", str(tmp_path / "o")])
 
 
+@pytest.mark.slow
 def test_non_finite_rewards_are_skipped_then_stop(tmp_path, monkeypatch):
     import attnrl_core.resilience as res
 
@@ -212,6 +221,7 @@ def test_non_finite_rewards_are_skipped_then_stop(tmp_path, monkeypatch):
         assert json.loads((ckpt / "state.json").read_text())["stats"]["count"] == 0
 
 
+@pytest.mark.slow
 def test_doctor_prints_a_table():
     res = subprocess.run([sys.executable, "-m", "attnrl_core", "doctor"], capture_output=True, text=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -220,6 +230,7 @@ def test_doctor_prints_a_table():
         assert check in res.stdout
 
 
+@pytest.mark.slow
 def test_a_moved_run_resumes_where_it_is_now(reference_run, tmp_path):
     """config.json records the directory a run started in; `--resume --output_dir NEW` continues in NEW."""
     import shutil
