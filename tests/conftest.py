@@ -7,6 +7,7 @@ other worker's (`host.share_cpu`), and its own torch, like the notebook kernels 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -32,15 +33,19 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
-@pytest.fixture(scope="session", autouse=True)
-def one_core_per_worker():
+def pytest_configure(config):
+    """In an xdist worker, from its start (before any test or notebook item): one thread, and registered."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
-        yield
         return
     os.environ["OMP_NUM_THREADS"] = "1"  # the notebook kernels and child processes this worker starts
     torch.set_num_threads(1)
-    with sharing_cpu(torch.device("cpu")):
-        yield
+    config._attnrl_cpu_share = contextlib.ExitStack()
+    config._attnrl_cpu_share.enter_context(sharing_cpu(torch.device("cpu")))
+
+
+def pytest_unconfigure(config):
+    if hasattr(config, "_attnrl_cpu_share"):
+        config._attnrl_cpu_share.close()
 
 
 def tiny_llama(vocab_size: int = VOCAB, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
