@@ -10,9 +10,11 @@ from attnrl_core.rundir import METRICS
 
 pytestmark = pytest.mark.slow  # whole runs of the real model
 
+# Short chunks (8 + 8 tokens, 6-token queries): what is checked is the whole loop and its files, not the sizes.
 ARGS = ["--preset", "embedded", "--num_episodes", "3", "--generation_batch_size", "4", "--training_batch_size", "2",
         "--num_kv_pairs", "4", "--warmup_trajectories", "4", "--filter_num_sd", "0", "--checkpoint_every", "2",
-        "--learning_rate", "1e-3", "--report_to", "tensorboard", "--no_progress"]
+        "--learning_rate", "1e-3", "--report_to", "tensorboard", "--no_progress",
+        "--tokens_per_key", "8", "--tokens_per_value", "8", "--tokens_per_query", "6"]
 
 
 @pytest.fixture(scope="module")
