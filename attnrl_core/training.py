@@ -207,17 +207,18 @@ class ChoiceStepResult:
 
 
 def choice_target_step(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory: Trajectory, *, weight: float,
-                       target_temperature: float, training_batch_size: int, max_grad_norm: float = 1.0, similarity_temperature: float = 1.0, similarity_layer: int = -1,
+                       target_temperature: float, training_batch_size: int, max_grad_norm: float = 1.0,
+                       similarity_temperature: float = 1.0, similarity_layer: int = -1,
                        ranks: Ranks | None = None) -> ChoiceStepResult:
     """The selection objective's optimizer step (`choice_target_weight`): weight x the mean over *every*
     trajectory of the batch of `loss.choice_target_kl` (the target does not depend on a trajectory's own
     reward, so the filter does not apply), read in micro-batches of `training_batch_size` (one optimizer step:
-    the micro-batch size alone sets its memory). p_select is computed as the
-    rollout drew from it (same layer, temperature and pairs left, adapter dropout off as in the rollout); its
-    gradient reaches the adapter through the query's q_proj embedding and the layers below it, and no other
-    parameter is touched. With `ranks`, `trajectory` holds this rank's rows and the gradients are summed over
-    the ranks, each rank weighted by its share of the global batch. The step is clipped and normalised by the
-    8-bit Adam it shares with the REINFORCE steps, so λ mostly sets how the two mix in Adam's moments."""
+    the micro-batch size alone sets its memory). p_select is computed as the rollout drew from it (same layer,
+    temperature and pairs left, adapter dropout off as in the rollout); its gradient reaches the adapter
+    through the query's q_proj embedding and the layers below it, and no other parameter is touched. With
+    `ranks`, `trajectory` holds this rank's rows and the gradients are summed over the ranks, each rank
+    weighted by its share of the global batch. The step is clipped and normalised by the 8-bit Adam it shares
+    with the REINFORCE steps, so λ mostly sets how the two mix in Adam's moments."""
     assert trajectory.candidate_rewards is not None, "roll the batch out with oracle=True (the candidates' rewards)"
     ranks = ranks or Ranks()
     params = adapter_parameters(model)

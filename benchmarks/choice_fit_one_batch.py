@@ -2,18 +2,24 @@
 batch of the real embedded model? Rolls one batch of 8 out with the candidates scored, then takes 15 selection
 steps on that same trajectory and prints the mean choice KL and selection entropy after each.
 Usage: python benchmarks/choice_fit_one_batch.py [learning_rate]  (one thread; minutes on the CPU)"""
-import sys, torch
+import sys
+
+import torch
+
 from attnrl_core.config import TrainConfig
 from attnrl_core.corpus import DataPosition
 from attnrl_core.data import encode_separators
+from attnrl_core.diagnostics import selection_entropy
 from attnrl_core.distributed import Ranks
 from attnrl_core.embeddings import key_embedding_fn, selection_probabilities
+from attnrl_core.loss import choice_target_kl
 from attnrl_core.model import head_geometry, load_policy, resolve_device
 from attnrl_core.rollout import rollout, rollout_options
 from attnrl_core.run import _rank_batches
 from attnrl_core.training import choice_target_options, choice_target_step, make_optimizer
-from attnrl_core.loss import choice_target_kl
-torch.set_num_threads(1); torch.manual_seed(0)
+
+torch.set_num_threads(1)
+torch.manual_seed(0)
 lr = float(sys.argv[1]) if len(sys.argv) > 1 else 1e-3
 cfg = TrainConfig.from_preset("embedded", max_train_articles=8, num_kv_pairs=16, learning_rate=lr,
                               choice_target_weight=20.0, choice_target_temperature=0.1, generation_batch_size=8)
@@ -25,14 +31,18 @@ embed = key_embedding_fn(model, device, layer=cfg.similarity_layer)
 batch, mine = next(_rank_batches(cfg, tok, embed, DataPosition(), Ranks()))
 traj = rollout(model, mine, sep, geo, oracle=True, **rollout_options(cfg))
 opts = choice_target_options(cfg)
-def state():
+
+
+def state() -> tuple[float, float]:
+    """The batch's mean choice KL and selection entropy under the current adapter."""
     with torch.no_grad():
         model.eval()
-        p = selection_probabilities(model, traj.queries, traj.batch.key_embeddings, traj.available, cfg.temperature, cfg.similarity_layer)
+        p = selection_probabilities(model, traj.queries, traj.batch.key_embeddings, traj.available, cfg.temperature,
+                                    cfg.similarity_layer)
         kl = choice_target_kl(p, traj.candidate_rewards, cfg.choice_target_temperature).mean().item()
-        av = traj.available
-        ent = -(p.clamp_min(1e-12).log() * p).sum(-1) / av.sum(-1).clamp_min(2).float().log()
-        return kl, ent[av.sum(-1) > 1].mean().item()
+        return kl, selection_entropy(p, traj.available_counts)
+
+
 print("step 0", state(), flush=True)
 for i in range(1, 16):
     r = choice_target_step(model, opt, traj, training_batch_size=cfg.training_batch_size, **opts)

@@ -39,13 +39,9 @@ def pytest_configure(config):
         return
     os.environ["OMP_NUM_THREADS"] = "1"  # the notebook kernels and child processes this worker starts
     torch.set_num_threads(1)
-    config._attnrl_cpu_share = contextlib.ExitStack()
-    config._attnrl_cpu_share.enter_context(sharing_cpu(torch.device("cpu")))
-
-
-def pytest_unconfigure(config):
-    if hasattr(config, "_attnrl_cpu_share"):
-        config._attnrl_cpu_share.close()
+    registered = contextlib.ExitStack()
+    registered.enter_context(sharing_cpu(torch.device("cpu")))
+    config.add_cleanup(registered.close)
 
 
 def tiny_llama(vocab_size: int = VOCAB, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
