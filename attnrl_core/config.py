@@ -81,8 +81,10 @@ class TrainConfig:
     choice_target_weight: float = _f(0.0, "λ > 0 adds, over every rolled-out trajectory, λ x the sum over steps of "
                                      "KL(softmax(r_candidates / τ) || p_select): every pair left is scored at every "
                                      "step (the per-step oracle's pass) and the selection is trained toward the pairs "
-                                     "that would have earned most, one extra optimizer step per episode (REPLUG's "
-                                     "LM-supervised retrieval; a change to SPEC's method; 0: off)")
+                                     "that would have earned most, choice_target_steps extra optimizer steps per "
+                                     "episode (REPLUG's LM-supervised retrieval; a change to SPEC's method; 0: off)")
+    choice_target_steps: int = _f(1, "optimizer steps of the selection objective per episode, each on the whole "
+                                  "rolled-out batch (its target is fixed by the rollout, so repeated steps fit it)")
     choice_target_temperature: float = _f(0.1, "τ of choice_target_weight's target softmax(r_candidates / τ), in nats "
                                           "of the per-step reward (smaller = nearer the best pair alone)")
     kl_reference: str = _f("previous", "KL penalty against: previous (SPEC's: the policy that rolled the batch out) | "
@@ -125,7 +127,7 @@ class TrainConfig:
                 raise ValueError(f"{f.name}={value!r} is invalid: must be a finite number")
         for name in ("tokens_per_key", "tokens_per_value", "tokens_per_query", "generation_batch_size",
                      "training_batch_size", "gradient_accumulation_steps", "num_episodes", "checkpoint_every",
-                     "log_every", "lora_r", "max_scan_articles", "trajectories_per_article"):
+                     "log_every", "lora_r", "max_scan_articles", "trajectories_per_article", "choice_target_steps"):
             need(getattr(self, name) >= 1, name, "an integer >= 1")
         need(self.num_kv_pairs >= 2, "num_kv_pairs", "an integer >= 2 (pair 0 is the in-context example)")
         need(0.0 < self.subset_fraction <= 1.0, "subset_fraction", "in (0, 1]")

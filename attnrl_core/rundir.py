@@ -85,7 +85,9 @@ METRICS = {
                        "scored (choice_target_weight > 0), process 0's rows in a data-parallel run",
     "choice_kl": "selection objective: mean over trajectories of sum_steps KL(softmax(r_candidates / tau) || p_select), "
                  "measured in its step (only with choice_target_weight > 0)",
-    "choice_grad_norm": "pre-clip gradient norm of the selection objective's step (only with choice_target_weight > 0)",
+    "choice_grad_norm": "pre-clip gradient norm of the selection objective's first step (only with choice_target_weight > 0)",
+    "choice_kl_last": "choice_kl measured in the last of the episode's choice_target_steps passes, before that step "
+                      "(equal to choice_kl for one step; only with choice_target_weight > 0)",
     "eval_reward": "held-out reward of the trained policy (only every eval_every episodes)",
     "eval_logprob": "held-out mean value log-prob of the trained policy (only every eval_every episodes)",
 }
@@ -127,7 +129,7 @@ def episode_metrics(episode: int, traj: "Trajectory", selected: torch.Tensor, th
 
 
 def choice_metrics(traj: "Trajectory", choice: "ChoiceStepResult | None") -> dict:
-    """oracle_fraction, choice_kl and choice_grad_norm (METRICS) of a batch rolled out with its candidates scored
+    """oracle_fraction, choice_kl, choice_grad_norm and choice_kl_last (METRICS) of a batch rolled out with its candidates scored
     and of the selection objective's step; null where absent."""
     fraction = None
     if traj.candidate_rewards is not None:
@@ -135,7 +137,8 @@ def choice_metrics(traj: "Trajectory", choice: "ChoiceStepResult | None") -> dic
         fraction = oracle_fraction(traj.rewards.float().cpu().flatten().numpy(), mean, best, num_samples=1)["fraction"]
         fraction = fraction if math.isfinite(fraction) else None
     return {"oracle_fraction": fraction, "choice_kl": choice.kl if choice else None,
-            "choice_grad_norm": choice.grad_norm if choice else None}
+            "choice_grad_norm": choice.grad_norm if choice else None,
+            "choice_kl_last": choice.kl_last if choice else None}
 
 
 def selection_diagnostics(traj: "Trajectory") -> dict:

@@ -6,9 +6,9 @@ of `loss.reinforce_loss` on one teacher-forced pass over each trajectory's final
 only at query positions), 8-bit Adam on the adapter, gradient norm clipped.
 
 Research levers (TrainConfig; each default is SPEC's): `choice_in_loss` adds log p(chosen pair |
-query) to each step's log-prob (`embeddings.choice_logprob`); `choice_target_weight` adds one optimizer
-step per episode of the selection objective over every rolled-out trajectory (`choice_target_step`); `value_nll_weight` adds the policy's
-NLL of the chosen values, predicted in the same pass; `kl_reference="base"` measures the KL against
+query) to each step's log-prob (`embeddings.choice_logprob`); `choice_target_weight` adds
+`choice_target_steps` optimizer steps per episode of the selection objective over every rolled-out
+trajectory (`choice_target_step`); `value_nll_weight` adds the policy's NLL of the chosen values, predicted in the same pass; `kl_reference="base"` measures the KL against
 the adapter-disabled base model; the loss's R is `loss.advantages` of the reward.
 
 In a data-parallel run (`ranks`) each rank holds its rows of the global batch: the optimizer steps
@@ -201,25 +201,29 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory
 
 @dataclass
 class ChoiceStepResult:
-    kl: float  # mean over the batch's trajectories of sum_steps KL(target || p_select), measured in the step's pass
-    grad_norm: float  # pre-clip
-    skipped: bool  # the loss or gradient was not finite: no step taken
+    kl: float  # mean over the batch's trajectories of sum_steps KL(target || p_select), before the first step
+    grad_norm: float  # pre-clip, of the first step
+    skipped: bool  # a loss or gradient was not finite: that step and the ones after it were not taken
+    kl_last: float = math.nan  # the same KL measured in the last step's pass (before that step): how far K steps fit
 
 
 def choice_target_step(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory: Trajectory, *, weight: float,
                        target_temperature: float, training_batch_size: int, max_grad_norm: float = 1.0,
-                       similarity_temperature: float = 1.0, similarity_layer: int = -1,
+                       similarity_temperature: float = 1.0, similarity_layer: int = -1, steps: int = 1,
                        ranks: Ranks | None = None) -> ChoiceStepResult:
-    """The selection objective's optimizer step (`choice_target_weight`): weight x the mean over *every*
-    trajectory of the batch of `loss.choice_target_kl` (the target does not depend on a trajectory's own
-    reward, so the filter does not apply), read in micro-batches of `training_batch_size` (one optimizer step:
-    the micro-batch size alone sets its memory). p_select is computed as the rollout drew from it (same layer,
-    temperature and pairs left, adapter dropout off as in the rollout); its gradient reaches the adapter
-    through the query's q_proj embedding and the layers below it, and no other parameter is touched. With
-    `ranks`, `trajectory` holds this rank's rows and the gradients are summed over the ranks, each rank
-    weighted by its share of the global batch. The step is clipped and normalised by the 8-bit Adam it shares
-    with the REINFORCE steps, so λ mostly sets how the two mix in Adam's moments."""
+    """The selection objective's optimizer steps (`choice_target_weight`, `choice_target_steps`): `steps` times,
+    weight x the mean over *every* trajectory of the batch of `loss.choice_target_kl` (the target does not depend
+    on a trajectory's own reward, so the filter does not apply), read in micro-batches of `training_batch_size`
+    (one optimizer step each time: the micro-batch size alone sets its memory). The target is fixed by the
+    rollout, so repeated steps fit the same supervised target (no importance ratio is needed, unlike PPO's
+    epochs). p_select is computed as the rollout drew from it (same layer, temperature and pairs left, adapter
+    dropout off as in the rollout); its gradient reaches the adapter through the query's q_proj embedding and
+    the layers below it, and no other parameter is touched. With `ranks`, `trajectory` holds this rank's rows
+    and the gradients are summed over the ranks, each rank weighted by its share of the global batch. Each
+    step is clipped and normalised by the 8-bit Adam it shares with the REINFORCE steps, so λ mostly sets how
+    the two mix in Adam's moments."""
     assert trajectory.candidate_rewards is not None, "roll the batch out with oracle=True (the candidates' rewards)"
+    assert steps >= 1, steps
     ranks = ranks or Ranks()
     params = adapter_parameters(model)
     device = trajectory.queries.device
@@ -227,26 +231,30 @@ def choice_target_step(model: nn.Module, optimizer: torch.optim.Optimizer, traje
     # rollout tensors are inference tensors: clone them into ordinary ones for autograd
     queries, available = trajectory.queries.clone(), trajectory.available.clone()
     keys, rewards = trajectory.batch.key_embeddings.to(device).clone(), trajectory.candidate_rewards.clone()
-    optimizer.zero_grad(set_to_none=True)
     model.eval()  # p_select as the rollout drew from it: no dropout, and no random draw
-    kl_sum = 0.0
-    for mb in torch.arange(B, device=device).split(training_batch_size):
-        probs = selection_probabilities(model, queries[mb], keys[mb], available[mb], similarity_temperature,
-                                        similarity_layer)  # [n, P, N]
-        kl = choice_target_kl(probs, rewards[mb], target_temperature)  # [n]
-        (weight * kl.sum() / total).backward()
-        kl_sum += kl.sum().item()
-    # only the parameters below the similarity layer's q_proj have a gradient (the same set on every rank):
-    # summing the others as zeros would let Adam move them on old momentum in a multi-process run only
-    reached = [p for p in params if p.grad is not None]
-    ranks.sum_gradients(reached)
-    kl_sum = ranks.sum([kl_sum])[0]
-    norm = torch.nn.utils.clip_grad_norm_(reached, max_grad_norm).item()
-    skipped = not (math.isfinite(kl_sum) and math.isfinite(norm))
-    if not skipped:
+    first: tuple[float, float] | None = None
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        kl_sum = 0.0
+        for mb in torch.arange(B, device=device).split(training_batch_size):
+            probs = selection_probabilities(model, queries[mb], keys[mb], available[mb], similarity_temperature,
+                                            similarity_layer)  # [n, P, N]
+            kl = choice_target_kl(probs, rewards[mb], target_temperature)  # [n]
+            (weight * kl.sum() / total).backward()
+            kl_sum += kl.sum().item()
+        # only the parameters below the similarity layer's q_proj have a gradient (the same set on every rank):
+        # summing the others as zeros would let Adam move them on old momentum in a multi-process run only
+        reached = [p for p in params if p.grad is not None]
+        ranks.sum_gradients(reached)
+        kl_sum = ranks.sum([kl_sum])[0]
+        norm = torch.nn.utils.clip_grad_norm_(reached, max_grad_norm).item()
+        first = first or (kl_sum / total, norm)
+        skipped = not (math.isfinite(kl_sum) and math.isfinite(norm))
+        if skipped:
+            break
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return ChoiceStepResult(kl_sum / total, norm, skipped)
+    return ChoiceStepResult(first[0], first[1], skipped, kl_sum / total)
 
 
 def _reference_logits(model: nn.Module, trajectory: Trajectory, rows: torch.Tensor, tokens: torch.Tensor,
@@ -276,7 +284,7 @@ def choice_target_options(cfg: TrainConfig) -> dict | None:
         return None
     return dict(weight=cfg.choice_target_weight, target_temperature=cfg.choice_target_temperature,
                 max_grad_norm=cfg.max_grad_norm, similarity_temperature=cfg.temperature,
-                similarity_layer=cfg.similarity_layer)
+                similarity_layer=cfg.similarity_layer, steps=cfg.choice_target_steps)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -1,7 +1,8 @@
 """Diagnostic for issue 25 (EXPERIMENTS.md §6): can the selection step fit p_select to its target on ONE fixed
 batch of the real embedded model? Rolls one batch of 8 out with the candidates scored, then takes 15 selection
 steps on that same trajectory and prints the mean choice KL and selection entropy after each.
-Usage: python benchmarks/choice_fit_one_batch.py [learning_rate]  (one thread; minutes on the CPU)"""
+Usage: python benchmarks/choice_fit_one_batch.py [learning_rate [similarity_temperature]]  (one thread; minutes on
+the CPU)"""
 import sys
 
 import torch
@@ -21,7 +22,9 @@ from attnrl_core.training import choice_target_options, choice_target_step, make
 torch.set_num_threads(1)
 torch.manual_seed(0)
 lr = float(sys.argv[1]) if len(sys.argv) > 1 else 1e-3
+similarity_temperature = float(sys.argv[2]) if len(sys.argv) > 2 else 1.0
 cfg = TrainConfig.from_preset("embedded", max_train_articles=8, num_kv_pairs=16, learning_rate=lr,
+                              temperature=similarity_temperature,
                               choice_target_weight=20.0, choice_target_temperature=0.1, generation_batch_size=8)
 device = resolve_device(cfg)
 model, tok = load_policy(cfg, device, None)

@@ -170,6 +170,27 @@ def test_selection_probabilities_are_the_rollouts_and_one_step_moves_them_toward
     assert after < before - 1e-3
 
 
+def test_k_selection_steps_are_k_single_steps_on_the_same_batch(policy):
+    from attnrl_core.model import adapter_parameters
+
+    cfg = tiny_config(num_kv_pairs=8, learning_rate=1e-2)
+    traj = _choice_rollout(policy, cfg)
+    start = [p.detach().clone() for p in adapter_parameters(policy)]
+    opts = dict(weight=1.0, target_temperature=0.05, training_batch_size=4, similarity_temperature=3.0)
+    opt = make_optimizer(policy, cfg)
+    singles = [choice_target_step(policy, opt, traj, **opts) for _ in range(3)]
+    after_singles = [p.detach().clone() for p in adapter_parameters(policy)]
+    with torch.no_grad():
+        for p, v in zip(adapter_parameters(policy), start):
+            p.copy_(v)
+    three = choice_target_step(policy, make_optimizer(policy, cfg), traj, steps=3, **opts)
+    for p, v in zip(adapter_parameters(policy), after_singles):
+        torch.testing.assert_close(p.detach(), v, rtol=0, atol=1e-6)
+    assert three.kl == pytest.approx(singles[0].kl, rel=1e-5) and three.grad_norm == pytest.approx(singles[0].grad_norm)
+    assert three.kl_last == pytest.approx(singles[2].kl, rel=1e-5) and three.kl_last < three.kl
+    assert singles[0].kl_last == singles[0].kl  # one step: the last pass is the first
+
+
 def test_the_selection_objective_reaches_the_q_proj_lora_of_the_similarity_layer_only(policy):
     cfg = tiny_config(num_kv_pairs=8)
     traj = _choice_rollout(policy, cfg, layer=0)
@@ -204,13 +225,14 @@ def test_the_update_phase_takes_the_selection_step_over_every_trajectory_even_wh
     expected = ((traj.rewards - mean).sum() / (best - mean).sum()).item()
     assert metrics["choice_kl"] == choice.kl and metrics["oracle_fraction"] == pytest.approx(expected, rel=1e-5)
     assert choice_metrics(_rollout(policy, cfg), None) == {"oracle_fraction": None, "choice_kl": None,
-                                                          "choice_grad_norm": None}
+                                                          "choice_grad_norm": None, "choice_kl_last": None}
 
 
 def test_the_selection_objective_is_off_by_default_and_specs_loss_has_no_selection_term():
     assert TrainConfig().choice_target_weight == 0.0 and choice_target_options(TrainConfig()) is None
     cfg = TrainConfig.from_preset("embedded", choice_target_weight=0.5, choice_target_temperature=0.2)
     assert choice_target_options(cfg)["weight"] == 0.5 and choice_target_options(cfg)["target_temperature"] == 0.2
+    assert TrainConfig().choice_target_steps == 1 and choice_target_options(cfg)["steps"] == 1
 
 
 # -- value_nll_weight -----------------------------------------------------------------------------------
@@ -287,6 +309,7 @@ def test_trajectories_per_article_repeats_each_article_with_one_pool(smol_tokeni
     (dict(max_train_articles=-1), "max_train_articles"),
     (dict(choice_target_weight=-0.1), "choice_target_weight"),
     (dict(choice_target_temperature=0.0), "choice_target_temperature"),
+    (dict(choice_target_steps=0), "choice_target_steps"),
 ])
 def test_bad_lever_values_are_one_line_errors(bad, match):
     with pytest.raises(ValueError, match=match):
