@@ -85,6 +85,9 @@ class TrainConfig:
                                      "episode (REPLUG's LM-supervised retrieval; a change to SPEC's method; 0: off)")
     choice_target_steps: int = _f(1, "optimizer steps of the selection objective per episode, each on the whole "
                                   "rolled-out batch (its target is fixed by the rollout, so repeated steps fit it)")
+    choice_target_reach: str = _f("q_proj", "what the selection objective trains: q_proj (the adapter on the similarity "
+                                  "layer's q_proj only) | below (also every adapter below it, which the language "
+                                  "model's predictions share)")
     choice_target_temperature: float = _f(0.1, "τ of choice_target_weight's target softmax(r_candidates / τ), in nats "
                                           "of the per-step reward (smaller = nearer the best pair alone)")
     kl_reference: str = _f("previous", "KL penalty against: previous (SPEC's: the policy that rolled the batch out) | "
@@ -152,6 +155,7 @@ class TrainConfig:
         need(self.choice_target_weight >= 0, "choice_target_weight", ">= 0")
         need(self.choice_target_temperature > 0, "choice_target_temperature", "> 0")
         need(self.kl_reference in ("previous", "base"), "kl_reference", "previous or base")
+        need(self.choice_target_reach in ("q_proj", "below"), "choice_target_reach", "q_proj or below")
         need(self.reward_baseline in ("none", "running_mean", "leave_one_out"), "reward_baseline",
              "none, running_mean or leave_one_out")
         need(self.generation_batch_size % self.trajectories_per_article == 0, "trajectories_per_article",

@@ -48,10 +48,24 @@ def capture_output(module: nn.Module, stop: bool = False) -> Iterator[dict]:
         handle.remove()
 
 
-def extract_embeddings(model: nn.Module, token_ids: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """Mean over positions of `module`'s output when `model` reads `token_ids` [B, T]: returns [B, out] float32."""
+@contextlib.contextmanager
+def detached_input(module: nn.Module) -> Iterator[None]:
+    """While inside, `module` reads its input detached: a gradient of its output reaches its own parameters
+    only, not the layers below it (the hook is removed on exit, always)."""
+    handle = module.register_forward_pre_hook(lambda _module, inputs: (inputs[0].detach(), *inputs[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def extract_embeddings(model: nn.Module, token_ids: torch.Tensor, module: nn.Module,
+                       detach_below: bool = False) -> torch.Tensor:
+    """Mean over positions of `module`'s output when `model` reads `token_ids` [B, T]: returns [B, out] float32.
+    With `detach_below`, the layers below `module` run without a gradient."""
     assert token_ids.ndim == 2 and token_ids.dtype == torch.long, (token_ids.shape, token_ids.dtype)
-    with capture_output(module, stop=True) as captured:
+    with capture_output(module, stop=True) as captured, \
+            detached_input(module) if detach_below else contextlib.nullcontext():
         try:
             model(input_ids=token_ids, use_cache=False)
         except _StopForward:
@@ -61,9 +75,11 @@ def extract_embeddings(model: nn.Module, token_ids: torch.Tensor, module: nn.Mod
     return out.float().mean(dim=1)
 
 
-def query_embeddings(model: nn.Module, query_tokens: torch.Tensor, layer: int = -1) -> torch.Tensor:
-    """[B, Tq] -> [B, Hq*D]: the policy's (adapter on) q_proj of layer `layer`, averaged over the query."""
-    return extract_embeddings(model, query_tokens, attention_layer(model, layer).q_proj)
+def query_embeddings(model: nn.Module, query_tokens: torch.Tensor, layer: int = -1,
+                     detach_below: bool = False) -> torch.Tensor:
+    """[B, Tq] -> [B, Hq*D]: the policy's (adapter on) q_proj of layer `layer`, averaged over the query; with
+    `detach_below` a gradient reaches that q_proj's adapter only."""
+    return extract_embeddings(model, query_tokens, attention_layer(model, layer).q_proj, detach_below)
 
 
 def key_embeddings(model: nn.Module, key_tokens: torch.Tensor, layer: int = -1) -> torch.Tensor:
@@ -109,14 +125,17 @@ def compute_similarity(query_emb: torch.Tensor, key_emb: torch.Tensor, num_query
 
 
 def selection_probabilities(model: nn.Module, queries: torch.Tensor, key_emb: torch.Tensor, available: torch.Tensor,
-                            temperature: float = 1.0, layer: int = -1) -> torch.Tensor:
+                            temperature: float = 1.0, layer: int = -1, reach: str = "below") -> torch.Tensor:
     """[n, P, N]: the similarity distribution each step's pair was drawn from (`compute_similarity` over the keys
-    available at that step; 0 elsewhere), differentiable through the adapter on the query's q_proj and the
-    layers below it. queries [n, P, Tq], key_emb [n, N, E], available [n, P, N] bool."""
+    available at that step; 0 elsewhere), differentiable through the adapter on the query's q_proj and, with
+    `reach="below"`, the layers below it ("q_proj": that adapter only). queries [n, P, Tq], key_emb [n, N, E],
+    available [n, P, N] bool."""
+    if reach not in ("below", "q_proj"):
+        raise ValueError(f"reach {reach!r} is unknown: use below or q_proj")
     n, P, Tq = queries.shape
     assert available.shape == (n, P, key_emb.shape[1]), (available.shape, key_emb.shape)
     geo = head_geometry(model)
-    q = query_embeddings(model, queries.reshape(n * P, Tq), layer)  # one pass over the queries alone
+    q = query_embeddings(model, queries.reshape(n * P, Tq), layer, reach == "q_proj")  # one pass over the queries
     probs = compute_similarity(q, key_emb.repeat_interleave(P, dim=0), geo.num_query_heads, geo.num_kv_heads,
                                temperature, available.reshape(n * P, -1))  # [n*P, N]
     return probs.view(n, P, -1)

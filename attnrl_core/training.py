@@ -210,15 +210,16 @@ class ChoiceStepResult:
 def choice_target_step(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory: Trajectory, *, weight: float,
                        target_temperature: float, training_batch_size: int, max_grad_norm: float = 1.0,
                        similarity_temperature: float = 1.0, similarity_layer: int = -1, steps: int = 1,
-                       ranks: Ranks | None = None) -> ChoiceStepResult:
+                       reach: str = "q_proj", ranks: Ranks | None = None) -> ChoiceStepResult:
     """The selection objective's optimizer steps (`choice_target_weight`, `choice_target_steps`): `steps` times,
     weight x the mean over *every* trajectory of the batch of `loss.choice_target_kl` (the target does not depend
     on a trajectory's own reward, so the filter does not apply), read in micro-batches of `training_batch_size`
     (one optimizer step each time: the micro-batch size alone sets its memory). The target is fixed by the
     rollout, so repeated steps fit the same supervised target (no importance ratio is needed, unlike PPO's
     epochs). p_select is computed as the rollout drew from it (same layer, temperature and pairs left, adapter
-    dropout off as in the rollout); its gradient reaches the adapter through the query's q_proj embedding and
-    the layers below it, and no other parameter is touched. With `ranks`, `trajectory` holds this rank's rows
+    dropout off as in the rollout); its gradient reaches the adapter on the similarity layer's q_proj only
+    (`reach="q_proj"`, `choice_target_reach`'s default) or also every adapter below it (`reach="below"`), and no
+    other parameter is touched. With `ranks`, `trajectory` holds this rank's rows
     and the gradients are summed over the ranks, each rank weighted by its share of the global batch. Each
     step is clipped and normalised by the 8-bit Adam it shares with the REINFORCE steps, so λ mostly sets how
     the two mix in Adam's moments."""
@@ -238,11 +239,11 @@ def choice_target_step(model: nn.Module, optimizer: torch.optim.Optimizer, traje
         kl_sum = 0.0
         for mb in torch.arange(B, device=device).split(training_batch_size):
             probs = selection_probabilities(model, queries[mb], keys[mb], available[mb], similarity_temperature,
-                                            similarity_layer)  # [n, P, N]
+                                            similarity_layer, reach)  # [n, P, N]
             kl = choice_target_kl(probs, rewards[mb], target_temperature)  # [n]
             (weight * kl.sum() / total).backward()
             kl_sum += kl.sum().item()
-        # only the parameters below the similarity layer's q_proj have a gradient (the same set on every rank):
+        # only the parameters the objective reaches have a gradient (the same set on every rank):
         # summing the others as zeros would let Adam move them on old momentum in a multi-process run only
         reached = [p for p in params if p.grad is not None]
         ranks.sum_gradients(reached)
@@ -284,7 +285,7 @@ def choice_target_options(cfg: TrainConfig) -> dict | None:
         return None
     return dict(weight=cfg.choice_target_weight, target_temperature=cfg.choice_target_temperature,
                 max_grad_norm=cfg.max_grad_norm, similarity_temperature=cfg.temperature,
-                similarity_layer=cfg.similarity_layer, steps=cfg.choice_target_steps)
+                similarity_layer=cfg.similarity_layer, steps=cfg.choice_target_steps, reach=cfg.choice_target_reach)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

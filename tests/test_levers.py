@@ -203,6 +203,23 @@ def test_the_selection_objective_reaches_the_q_proj_lora_of_the_similarity_layer
     assert all(g is None for n, g in grads.items() if "layers.1." in n)  # above the similarity layer: unreached
 
 
+@pytest.mark.parametrize("reach", ["q_proj", "below"])
+def test_the_selection_objectives_reach_is_that_q_proj_or_also_the_layers_below(policy, reach):
+    traj = _choice_rollout(policy, tiny_config(num_kv_pairs=8), layer=1)
+    probs = selection_probabilities(policy, traj.queries.clone(), traj.batch.key_embeddings.clone(),
+                                    traj.available.clone(), 3.0, 1, reach)
+    choice_target_kl(probs, traj.candidate_rewards.clone(), 0.1).sum().backward()
+    grads = {n: p.grad for n, p in policy.named_parameters() if "lora" in n}
+    own = [g for n, g in grads.items() if "layers.1.self_attn.q_proj" in n]
+    below = [g for n, g in grads.items() if "layers.0." in n]
+    assert own and all(g is not None and g.abs().sum() > 0 for g in own)
+    if reach == "q_proj":
+        assert all(g is None for g in below)
+        assert all(g is None for n, g in grads.items() if "layers.1.self_attn.v_proj" in n)
+    else:
+        assert any(g is not None and g.abs().sum() > 0 for g in below)
+
+
 # The candidates' rewards equal re-encoding each candidate from scratch:
 # tests/test_rollout.py::test_oracle_scores_every_pair_left_as_re_encoding_would.
 
@@ -310,6 +327,7 @@ def test_trajectories_per_article_repeats_each_article_with_one_pool(smol_tokeni
     (dict(choice_target_weight=-0.1), "choice_target_weight"),
     (dict(choice_target_temperature=0.0), "choice_target_temperature"),
     (dict(choice_target_steps=0), "choice_target_steps"),
+    (dict(choice_target_reach="all"), "choice_target_reach"),
 ])
 def test_bad_lever_values_are_one_line_errors(bad, match):
     with pytest.raises(ValueError, match=match):
