@@ -1,8 +1,8 @@
 """Kill a training run at a chosen point, or at random moments, and check that `--resume` recovers.
 
-As a child process: `python tests/killpoints.py POINT COUNT -- ARGS` runs `python -m attnrl_core ARGS`
-in this process and SIGKILLs it at the COUNT-th occurrence of POINT (no cleanup, no flush: as a crash
-or an out-of-memory killer would):
+In a child process (`run_child`, or `python tests/killpoints.py POINT COUNT -- ARGS`) it runs the CLI's
+`python -m attnrl_core ARGS` and SIGKILLs that process at the COUNT-th occurrence of POINT (no cleanup, no
+flush: as a crash or an out-of-memory killer would):
 
   load            the model is being loaded (`from_pretrained`)
   rollout         a rollout is choosing a pair (`rollout.choose_pairs`)
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import builtins
 import io
+import multiprocessing
 import os
 import random
 import selectors
@@ -32,6 +33,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from attnrl_core.__main__ import main as cli_main
 
 RUN = ["--preset", "embedded", "--generation_batch_size", "2", "--training_batch_size", "1", "--num_kv_pairs", "3",
        "--tokens_per_key", "8", "--tokens_per_value", "8", "--tokens_per_query", "6", "--warmup_trajectories", "2",
@@ -128,12 +131,34 @@ def arm(point: str, count: int) -> None:
         raise ValueError(f"unknown kill point {point!r}")
 
 
+# Children are forked from one server process that has imported the CLI once, so a launch does not pay the
+# ~10 CPU-seconds of importing torch, transformers and peft again; each is still a process of its own,
+# killed with SIGKILL as a crash would be.
+_FORKS = multiprocessing.get_context("forkserver")
+_FORKS.set_forkserver_preload(["attnrl_core.__main__", "attnrl_core.run", "attnrl_core.evaluate"])
+
+
+def _child(point: str | None, count: int, args: list[str], log: str) -> None:
+    """The body of `run_child`'s process: output to `log`, the kill armed, then the CLI."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    if point:
+        arm(point, count)
+    sys.exit(cli_main(args))
+
+
 def run_child(point: str | None, count: int, args: list[str], timeout: float = 600, log: Path | None = None) -> int:
     """Run the CLI in a child (killed at `point` if given); its exit code (-9 when killed). Its output goes
     to `log` when given (to say why a resume failed), else nowhere."""
-    cmd = [sys.executable, __file__, point or "none", str(count), "--", *args]
-    with open(log, "w") if log else open(os.devnull, "w") as sink:
-        return subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT, timeout=timeout).returncode
+    proc = _FORKS.Process(target=_child, args=(point, count, args, str(log) if log else os.devnull))
+    proc.start()
+    proc.join(timeout)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+        raise subprocess.TimeoutExpired(args, timeout)
+    return proc.exitcode
 
 
 def final_adapter(run_dir: Path, episode: int):
@@ -234,6 +259,4 @@ if __name__ == "__main__":
     assert sep == "--", sys.argv
     if point != "none":
         arm(point, int(count))
-    from attnrl_core.__main__ import main
-
-    sys.exit(main(cli))
+    sys.exit(cli_main(cli))
