@@ -160,8 +160,14 @@ def trajectory_records(traj: "Trajectory", tokenizer, episode: int, selected: to
     text = {"query": decode(traj.queries.flatten(0, 1)), "counterfactual": decode(traj.counterfactuals.flatten(0, 1)),
             "value": decode(values.flatten(0, 1))}  # B*P strings each, row-major
     numbers = {"pair": traj.choices, "prob": traj.choice_probs, "probs": traj.probabilities,
-               "policy_logprob": traj.policy_logprob, "base_logprob": traj.base_logprob, "reward": traj.rewards}
+               "policy_logprob": traj.policy_logprob, "base_logprob": traj.base_logprob,
+               "base_same_logprob": traj.base_same_logprob, "reward": traj.rewards}
+    if traj.candidate_rewards is not None:  # JSON has no NaN: a pair not left at the step is null
+        numbers["candidate_rewards"] = traj.candidate_rewards.float().nan_to_num(float("inf"))
     numbers = {k: v.float().tolist() if k != "pair" else v.tolist() for k, v in numbers.items()}
+    if "candidate_rewards" in numbers:
+        numbers["candidate_rewards"] = [[[None if math.isinf(r) else r for r in step] for step in row]
+                                        for row in numbers["candidate_rewards"]]
     first_keys, first_values = decode(batch.key_tokens[:, 0]), decode(batch.value_tokens[:, 0])
     return [{"episode": episode, "trajectory": b, "article_id": batch.article_ids[b], "title": batch.titles[b],
              "reward": sum(numbers["reward"][b]) / P, "selected": bool(selected[b]), "pool": batch.pool[b].tolist(),
@@ -169,6 +175,29 @@ def trajectory_records(traj: "Trajectory", tokenizer, episode: int, selected: to
              "steps": [{"step": t, **{k: v[b * P + t] for k, v in text.items()},
                         **{k: v[b][t] for k, v in numbers.items()}} for t in range(P)]}
             for b in range(B)]
+
+
+def format_step(record: dict, step: int) -> str:
+    """One step of a trajectory record (trajectories.jsonl) as a person reads it: the context the policy saw,
+    its query and the counterfactual, the pair it chose and with what probability, and the step's reward
+    split into what the adapter and what the query added (runs before the split was recorded show the sum)."""
+    s = record["steps"][step]
+    context = [f"[example] {record['example_key']}{record['example_value']}"]
+    context += [f"[step {p['step']}] Query:{p['query']}  ->  pair {p['pair']}: {p['value']}"
+                for p in record["steps"][:step]]
+    reward = f"reward {s['reward']:+.4f} nats per value token"
+    if "base_same_logprob" in s:
+        reward += (f" = adapter {s['policy_logprob'] - s['base_same_logprob']:+.4f}"
+                   f" + query {s['base_same_logprob'] - s['base_logprob']:+.4f}")
+    return "\n".join([
+        f"{record['title']} (article {record['article_id']}), episode {record['episode']}, trajectory "
+        f"{record['trajectory']}, step {step} of {len(record['steps'])}; trajectory reward {record['reward']:+.4f}"
+        f" ({'selected' if record['selected'] else 'not selected'})",
+        "context so far:", *("  " + line for line in context),
+        f"policy's query:        {s['query']}", f"counterfactual query:  {s['counterfactual']}",
+        f"chose pair {s['pair']} with probability {s['prob']:.3f}: {s['value']}",
+        f"value log-prob: policy {s['policy_logprob']:+.4f}, base after the counterfactual {s['base_logprob']:+.4f}",
+        reward])
 
 
 def write_config(run_dir: Path, cfg: TrainConfig) -> None:

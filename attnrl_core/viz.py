@@ -284,6 +284,32 @@ def plot_chosen_position_histogram(trajectories: list[dict], num_kv_pairs: int):
     return fig
 
 
+def plot_step_choice(record: dict, step: int):
+    """The selection distribution over the pairs left at one step of a trajectory record, the chosen pair
+    marked; beside it, when the run scored every pair (choice_target_weight > 0), the reward each would have
+    earned."""
+    s = record["steps"][step]
+    probs = np.asarray(s["probs"], dtype=float)
+    left = np.flatnonzero(probs > 0)
+    candidates = s.get("candidate_rewards")
+    fig, axes = plt.subplots(1, 2 if candidates else 1, figsize=(11 if candidates else 6, 3.4), squeeze=False)
+    colors = ["tab:orange" if p == s["pair"] else "tab:blue" for p in left]
+    labels = [str(p) for p in left]
+    axes[0][0].bar(labels, probs[left], color=colors)
+    axes[0][0].axhline(1 / len(left), color="grey", ls="--", lw=1, label="uniform")
+    axes[0][0].set(xlabel="pair position (orange: chosen)", ylabel="selection probability",
+                   title=f"step {step}: {len(left)} pairs left")
+    axes[0][0].legend(fontsize=8)
+    if candidates:
+        rewards = [candidates[p] for p in left]
+        axes[0][1].bar(labels, rewards, color=colors)
+        axes[0][1].axhline(0, color="black", lw=0.5)
+        axes[0][1].set(xlabel="pair position (orange: chosen)", ylabel="reward (nats per value token)",
+                       title="reward each pair would have earned")
+    fig.tight_layout()
+    return fig
+
+
 def plot_logprob_per_step(trajectories: list[dict]):
     """Mean value log-prob per step: the policy after its query vs the base model after its counterfactual."""
     by_step: dict[int, list[tuple[float, float]]] = {}

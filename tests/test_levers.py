@@ -360,3 +360,33 @@ def test_learning_figure_compares_the_first_and_last_windows():
     assert learning_figure([None] + rising[1:], window=20)["first_mean"] == pytest.approx(0.1 * 10 / 19)
     with pytest.raises(ValueError, match="too few"):
         learning_figure(rising[:30], window=20)
+
+
+def test_trajectory_records_carry_the_reward_split_and_the_candidates_for_the_browser(policy, smol_tokenizer):
+    import matplotlib.pyplot as plt
+
+    from attnrl_core.rundir import format_step, trajectory_records
+    from attnrl_core.viz import plot_step_choice
+
+    traj = _choice_rollout(policy, tiny_config(num_kv_pairs=8))
+    records = trajectory_records(traj, smol_tokenizer, 1, torch.zeros(4, dtype=torch.bool))
+    cand = traj.candidate_rewards
+    for b, record in enumerate(records):
+        for t, step in enumerate(record["steps"]):
+            assert step["base_same_logprob"] == pytest.approx(traj.base_same_logprob[b, t].item())
+            left = traj.available[b, t].tolist()
+            assert [r is not None for r in step["candidate_rewards"]] == left
+            assert [r for r in step["candidate_rewards"] if r is not None] == pytest.approx(
+                cand[b, t][traj.available[b, t]].tolist())
+    step = records[0]["steps"][1]
+    text = format_step(records[0], 1)
+    adapter = step["policy_logprob"] - step["base_same_logprob"]
+    query = step["base_same_logprob"] - step["base_logprob"]
+    assert adapter + query == pytest.approx(step["reward"], abs=1e-5)
+    assert f"adapter {adapter:+.4f} + query {query:+.4f}" in text and f"chose pair {step['pair']}" in text
+    assert text.count("[step ") == 1  # the context holds the steps before this one
+    assert len(plot_step_choice(records[0], 1).axes) == 2
+    plain = trajectory_records(_rollout(policy, tiny_config(num_kv_pairs=8)), smol_tokenizer, 1,
+                               torch.zeros(4, dtype=torch.bool))
+    assert "candidate_rewards" not in plain[0]["steps"][0] and len(plot_step_choice(plain[0], 0).axes) == 1
+    plt.close("all")
