@@ -200,6 +200,30 @@ def format_step(record: dict, step: int) -> str:
         reward])
 
 
+def load_reports(run_dir: str | Path) -> dict[str, dict]:
+    """The evaluation reports `evaluate` saved in run_dir/eval/, by checkpoint name, oldest episode first."""
+    files = sorted(Path(run_dir, "eval").glob("episode-*.json"), key=lambda f: int(f.stem.split("-")[1]))
+    return {f.stem: json.loads(f.read_text()) for f in files}
+
+
+def report_rows(reports: dict[str, dict]) -> list[dict]:
+    """One row per report for a table: its size, each paired difference (trained - baseline reward) and the
+    per-step oracle fraction with their 95% intervals over articles, and how wide those intervals are."""
+    rows = []
+    for name, r in reports.items():
+        row = {"checkpoint": name, "articles": r["articles"], "units": r["units"],
+               "samples": r["samples_per_article"]}
+        for pair, d in r.get("paired", {}).items():
+            row[pair] = f"{d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]"
+        if "oracle" in r:
+            o = r["oracle"]
+            row["oracle fraction"] = f"{o['fraction']:+.2f} [{o['ci'][0]:+.2f}, {o['ci'][1]:+.2f}]"
+        width = r.get("power", {}).get("half_width")
+        row["trained-random half-width"] = None if width is None else round(width, 4)
+        rows.append(row)
+    return rows
+
+
 def write_config(run_dir: Path, cfg: TrainConfig) -> None:
     """Create the run directory (with figures/) if needed and write config.json atomically."""
     (Path(run_dir) / "figures").mkdir(parents=True, exist_ok=True)
