@@ -144,6 +144,7 @@ def run_experiment(path: str | Path, out: str | Path | None = None, parallel: in
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     fig = plot_experiment(summary)
     fig.savefig(out / "experiment.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)  # else a notebook that draws the summary itself shows this figure a second time
     return summary
 
 

@@ -11,7 +11,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 def test_the_numbered_notebooks_exist():
     assert [p.stem for p in NOTEBOOKS] == ["01_data_exploration", "02_tokenization_checks",
-                                           "03_embedding_similarity", "04_training_run", "05_trajectory_analysis",
+                                           "03_embedding_similarity", "04_training_run", "05_trajectory_analysis", "06_experiment",
                                            "07_evaluation", "08_trajectory_browser"]
 
 
