@@ -162,11 +162,11 @@ def trajectory_records(traj: "Trajectory", tokenizer, episode: int, selected: to
     numbers = {"pair": traj.choices, "prob": traj.choice_probs, "probs": traj.probabilities,
                "policy_logprob": traj.policy_logprob, "base_logprob": traj.base_logprob,
                "base_same_logprob": traj.base_same_logprob, "reward": traj.rewards}
-    if traj.candidate_rewards is not None:  # JSON has no NaN: a pair not left at the step is null
-        numbers["candidate_rewards"] = traj.candidate_rewards.float().nan_to_num(float("inf"))
+    if traj.candidate_rewards is not None:
+        numbers["candidate_rewards"] = traj.candidate_rewards
     numbers = {k: v.float().tolist() if k != "pair" else v.tolist() for k, v in numbers.items()}
-    if "candidate_rewards" in numbers:
-        numbers["candidate_rewards"] = [[[None if math.isinf(r) else r for r in step] for step in row]
+    if "candidate_rewards" in numbers:  # JSON has no NaN: a pair not left at the step (NaN) is null
+        numbers["candidate_rewards"] = [[[None if math.isnan(r) else r for r in step] for step in row]
                                         for row in numbers["candidate_rewards"]]
     first_keys, first_values = decode(batch.key_tokens[:, 0]), decode(batch.value_tokens[:, 0])
     return [{"episode": episode, "trajectory": b, "article_id": batch.article_ids[b], "title": batch.titles[b],
