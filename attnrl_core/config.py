@@ -88,6 +88,10 @@ class TrainConfig:
     choice_target_reach: str = _f("q_proj", "what the selection objective trains: q_proj (the adapter on the similarity "
                                   "layer's q_proj only) | below (also every adapter below it, which the language "
                                   "model's predictions share)")
+    choice_target_score: str = _f("reward", "what choice_target_weight's target ranks the pairs left by: reward (SPEC's "
+                                  "reward of each: the policy's value log-prob after its query less the base model's "
+                                  "after a counterfactual query) | logprob (the policy's value log-prob alone, REPLUG's "
+                                  "LM likelihood of each candidate: no counterfactual query's noise in the target)")
     choice_target_temperature: float = _f(0.1, "τ of choice_target_weight's target softmax(r_candidates / τ), in nats "
                                           "of the per-step reward (smaller = nearer the best pair alone)")
     kl_reference: str = _f("previous", "KL penalty against: previous (SPEC's: the policy that rolled the batch out) | "
@@ -156,6 +160,7 @@ class TrainConfig:
         need(self.choice_target_temperature > 0, "choice_target_temperature", "> 0")
         need(self.kl_reference in ("previous", "base"), "kl_reference", "previous or base")
         need(self.choice_target_reach in ("q_proj", "below"), "choice_target_reach", "q_proj or below")
+        need(self.choice_target_score in ("reward", "logprob"), "choice_target_score", "reward or logprob")
         need(self.reward_baseline in ("none", "running_mean", "leave_one_out"), "reward_baseline",
              "none, running_mean or leave_one_out")
         need(self.generation_batch_size % self.trajectories_per_article == 0, "trajectories_per_article",

@@ -157,7 +157,7 @@ ORACLE_DEFINITION = ("per step, given the trained policy's own history: best = t
 def oracle_summary(traj: Trajectory, samples: int, seed: int, articles: list[str] | None = None) -> tuple[dict, dict]:
     """`oracle_fraction` over units of the chosen, mean (= a uniformly random choice) and best rewards of each
     step (the per-step oracle), with an interval over `articles`; and those per-unit values."""
-    best, mean = traj.candidate_best_and_mean
+    best, mean = traj.candidate_best_and_mean()
     units = {"chosen": per_unit(traj.rewards, samples), "mean": per_unit(mean, samples), "best": per_unit(best, samples)}
     result = oracle_fraction(units["chosen"], units["mean"], units["best"], seed=seed, clusters=articles)
     return {**result, "definition": ORACLE_DEFINITION}, {k: v.tolist() for k, v in units.items()}

@@ -83,9 +83,11 @@ def choose_pairs(probs: torch.Tensor, available: torch.Tensor, selector: str, gr
 
 
 def score_candidates(model: nn.Module, cache: BufferedCache, last_query_token: torch.Tensor, r_sep: torch.Tensor,
-                     values: torch.Tensor, available: torch.Tensor, both: list[str] | None) -> torch.Tensor:
-    """The oracle's view of a step: the reward [B, N] every pair still in the pool would earn (NaN for the
-    others), each value scored after the policy's query and, by the base model, after its counterfactual.
+                     values: torch.Tensor, available: torch.Tensor, both: list[str] | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The oracle's view of a step: the reward [B, N] every pair still in the pool would earn, and the policy's
+    mean log-prob [B, N] of its value within that reward (NaN for the pairs not left), each value scored after
+    the policy's query and, by the base model, after its counterfactual.
 
     The 2B rows of `cache` (policy, then base; each at context + ` Query:` + its query but the last
     token, `last_query_token` [2B, 1]) are copied K = pairs left times and read ` Response:` value_k in
@@ -100,9 +102,10 @@ def score_candidates(model: nn.Module, cache: BufferedCache, last_query_token: t
     names = None if both is None else [both[0]] * (B * K) + [both[-1]] * (B * K)
     scored = score_continuation(model, cache.repeated(K, prefix.shape[1] + target.shape[1]), prefix, target, names)
     reward = calculate_reward(scored[:B * K], scored[B * K:]).view(B, K)
-    out = torch.full((B, N), float("nan"), device=reward.device)
-    out[rows[:, None], candidates] = reward
-    return out
+    out = torch.full((2, B, N), float("nan"), device=reward.device)
+    out[0, rows[:, None], candidates] = reward
+    out[1, rows[:, None], candidates] = scored[:B * K].mean(dim=1).view(B, K)
+    return out[0], out[1]
 
 
 @torch.inference_mode()
@@ -143,7 +146,7 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
     chunks, query_logits = [context], []
     fields = {f: [] for f in ("queries", "counterfactuals", "choices", "choice_probs", "probabilities",
                               "policy_logprob", "base_logprob", "rewards", "base_same_logprob")}
-    candidate_rewards = []
+    candidate_rewards, candidate_logprobs = [], []
     for _ in range(P):
         # 1. the policy writes a query; the base model writes the counterfactual in the same passes
         queries, logits = sample_tokens(model, cache, q_sep.repeat(2, 1), Tq, query_temperature, greedy, both,
@@ -156,8 +159,9 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
                                    geo.num_query_heads, geo.num_kv_heads, similarity_temperature, available)  # [B, N]
         # 3. draw a pair without replacement
         if oracle:
-            candidate_rewards.append(score_candidates(model, cache, queries[:, -1:], r_sep.repeat(2, 1), values,
-                                                      available, both))
+            reward, logprob = score_candidates(model, cache, queries[:, -1:], r_sep.repeat(2, 1), values, available, both)
+            candidate_rewards.append(reward)
+            candidate_logprobs.append(logprob)
         choice, probs = choose_pairs(probs, available, selector, greedy, generator, global_rows)  # [B], [B, N]
         available[rows, choice] = False
         value = values[rows, choice]  # [B, Tv]
@@ -182,7 +186,8 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
     return Trajectory(tokens=tokens, **{name: torch.stack(xs, dim=1) for name, xs in fields.items()},
                       initial_length=L0, step_length=step_length, query_offset=q_sep.shape[1], batch=batch,
                       query_logits=torch.cat(query_logits, dim=1) if keep_query_logits else None,
-                      candidate_rewards=torch.stack(candidate_rewards, dim=1) if oracle else None)
+                      candidate_rewards=torch.stack(candidate_rewards, dim=1) if oracle else None,
+                      candidate_logprobs=torch.stack(candidate_logprobs, dim=1) if oracle else None)
 
 
 def rollout_options(cfg: TrainConfig) -> dict:

@@ -174,7 +174,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, out: Path, ckpt: Path | None, device:
                     metrics = episode_metrics(episode, traj, selected, threshold, upd, stats, finite, (t1 - t0, t2 - t1),
                                               _tokens_read(traj, selected, upd, local.query_logits is None), advantage,
                                               devices=ranks.world, peak_memory_bytes=peak_memory_bytes(device),
-                                              **choice_metrics(local, choice), **vars(sizes))
+                                              **choice_metrics(local, choice, cfg.choice_target_score), **vars(sizes))
                     if heldout is not None and (episode % cfg.eval_every == 0 or episode == cfg.num_episodes):
                         metrics.update(trained_policy_score(model, heldout, sep, geo, cfg))
                     _write_logs(out, trackers, metrics, trajectory_records(traj, tokenizer, episode, selected))

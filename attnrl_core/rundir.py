@@ -83,6 +83,9 @@ METRICS = {
                        "trajectories and steps, where best and mean are the best and the average reward of the pairs "
                        "left at the step (0 = random choice, 1 = the best pair every step); only when every pair is "
                        "scored (choice_target_weight > 0), process 0's rows in a data-parallel run",
+    "target_oracle_fraction": "oracle_fraction measured on the selection objective's own score of each pair "
+                              "(choice_target_score: the reward, equal to oracle_fraction, or the policy's value "
+                              "log-prob); only when every pair is scored",
     "choice_kl": "selection objective: mean over trajectories of sum_steps KL(softmax(r_candidates / tau) || p_select), "
                  "measured in its step (only with choice_target_weight > 0)",
     "choice_grad_norm": "pre-clip gradient norm of the selection objective's first step (only with choice_target_weight > 0)",
@@ -128,15 +131,18 @@ def episode_metrics(episode: int, traj: "Trajectory", selected: torch.Tensor, th
     return row
 
 
-def choice_metrics(traj: "Trajectory", choice: "ChoiceStepResult | None") -> dict:
-    """oracle_fraction, choice_kl, choice_grad_norm and choice_kl_last (METRICS) of a batch rolled out with its candidates scored
-    and of the selection objective's step; null where absent."""
-    fraction = None
+def choice_metrics(traj: "Trajectory", choice: "ChoiceStepResult | None", score: str = "reward") -> dict:
+    """oracle_fraction, target_oracle_fraction, choice_kl, choice_grad_norm and choice_kl_last (METRICS) of a batch
+    rolled out with its candidates scored and of the selection objective's step (whose target is `score`,
+    `choice_target_score`); null where absent."""
+    fractions = {"oracle_fraction": None, "target_oracle_fraction": None}
     if traj.candidate_rewards is not None:
-        best, mean = (x.cpu().flatten().numpy() for x in traj.candidate_best_and_mean)
-        fraction = oracle_fraction(traj.rewards.float().cpu().flatten().numpy(), mean, best, num_samples=1)["fraction"]
-        fraction = fraction if math.isfinite(fraction) else None
-    return {"oracle_fraction": fraction, "choice_kl": choice.kl if choice else None,
+        for name, s in (("oracle_fraction", "reward"), ("target_oracle_fraction", score)):
+            chosen = traj.candidate_scores(s)[0].float().cpu().flatten().numpy()
+            best, mean = (x.cpu().flatten().numpy() for x in traj.candidate_best_and_mean(s))
+            fraction = oracle_fraction(chosen, mean, best, num_samples=1)["fraction"]
+            fractions[name] = fraction if math.isfinite(fraction) else None
+    return {**fractions, "choice_kl": choice.kl if choice else None,
             "choice_grad_norm": choice.grad_norm if choice else None,
             "choice_kl_last": choice.kl_last if choice else None}
 

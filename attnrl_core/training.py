@@ -210,7 +210,7 @@ class ChoiceStepResult:
 def choice_target_step(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory: Trajectory, *, weight: float,
                        target_temperature: float, training_batch_size: int, max_grad_norm: float = 1.0,
                        similarity_temperature: float = 1.0, similarity_layer: int = -1, steps: int = 1,
-                       reach: str = "q_proj", ranks: Ranks | None = None) -> ChoiceStepResult:
+                       reach: str = "q_proj", score: str = "reward", ranks: Ranks | None = None) -> ChoiceStepResult:
     """The selection objective's optimizer steps (`choice_target_weight`, `choice_target_steps`): `steps` times,
     weight x the mean over *every* trajectory of the batch of `loss.choice_target_kl` (the target does not depend
     on a trajectory's own reward, so the filter does not apply), read in micro-batches of `training_batch_size`
@@ -219,11 +219,11 @@ def choice_target_step(model: nn.Module, optimizer: torch.optim.Optimizer, traje
     epochs). p_select is computed as the rollout drew from it (same layer, temperature and pairs left, adapter
     dropout off as in the rollout); its gradient reaches the adapter on the similarity layer's q_proj only
     (`reach="q_proj"`, `choice_target_reach`'s default) or also every adapter below it (`reach="below"`), and no
-    other parameter is touched. With `ranks`, `trajectory` holds this rank's rows
+    other parameter is touched. The target ranks the pairs by `score` (`Trajectory.candidate_scores`: SPEC's
+    reward, or the policy's value log-prob alone). With `ranks`, `trajectory` holds this rank's rows
     and the gradients are summed over the ranks, each rank weighted by its share of the global batch. Each
     step is clipped and normalised by the 8-bit Adam it shares with the REINFORCE steps, so λ mostly sets how
     the two mix in Adam's moments."""
-    assert trajectory.candidate_rewards is not None, "roll the batch out with oracle=True (the candidates' rewards)"
     assert steps >= 1, steps
     ranks = ranks or Ranks()
     params = adapter_parameters(model)
@@ -231,7 +231,7 @@ def choice_target_step(model: nn.Module, optimizer: torch.optim.Optimizer, traje
     B, total = trajectory.batch_size, trajectory.batch_size * ranks.world
     # rollout tensors are inference tensors: clone them into ordinary ones for autograd
     queries, available = trajectory.queries.clone(), trajectory.available.clone()
-    keys, rewards = trajectory.batch.key_embeddings.to(device).clone(), trajectory.candidate_rewards.clone()
+    keys, rewards = trajectory.batch.key_embeddings.to(device).clone(), trajectory.candidate_scores(score)[1].clone()
     model.eval()  # p_select as the rollout drew from it: no dropout, and no random draw
     first: tuple[float, float] | None = None
     for _ in range(steps):
@@ -285,7 +285,8 @@ def choice_target_options(cfg: TrainConfig) -> dict | None:
         return None
     return dict(weight=cfg.choice_target_weight, target_temperature=cfg.choice_target_temperature,
                 max_grad_norm=cfg.max_grad_norm, similarity_temperature=cfg.temperature,
-                similarity_layer=cfg.similarity_layer, steps=cfg.choice_target_steps, reach=cfg.choice_target_reach)
+                similarity_layer=cfg.similarity_layer, steps=cfg.choice_target_steps, reach=cfg.choice_target_reach,
+                score=cfg.choice_target_score)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

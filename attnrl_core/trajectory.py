@@ -38,6 +38,7 @@ class Trajectory:
     batch: KeyValueBatch
     query_logits: torch.Tensor | None = None  # [B, P*Tq, V] the policy's logits each query token was drawn from
     candidate_rewards: torch.Tensor | None = None  # [B, P, N] the reward each pair left would have earned (oracle)
+    candidate_logprobs: torch.Tensor | None = None  # [B, P, N] its policy_logprob term: mean log p_policy(its value)
 
     def __post_init__(self) -> None:
         B, P, Tq = self.queries.shape
@@ -49,8 +50,8 @@ class Trajectory:
             assert getattr(self, name).shape == (B, P), (name, getattr(self, name).shape)
         if self.query_logits is not None:
             assert self.query_logits.shape[:2] == (B, P * Tq), self.query_logits.shape
-        if self.candidate_rewards is not None:
-            assert self.candidate_rewards.shape == (B, P, N), self.candidate_rewards.shape
+        for name in ("candidate_rewards", "candidate_logprobs"):
+            assert getattr(self, name) is None or getattr(self, name).shape == (B, P, N), (name, getattr(self, name).shape)
 
     @classmethod
     def concat(cls, parts: list["Trajectory"], batch: KeyValueBatch) -> "Trajectory":
@@ -58,7 +59,7 @@ class Trajectory:
         first = parts[0]
         tensors = {f: torch.cat([getattr(p, f) for p in parts]) for f in _ROW_FIELDS}
         optional = {f: None if getattr(first, f) is None else torch.cat([getattr(p, f) for p in parts])
-                    for f in ("query_logits", "candidate_rewards")}
+                    for f in ("query_logits", "candidate_rewards", "candidate_logprobs")}
         return cls(**tensors, initial_length=first.initial_length, step_length=first.step_length,
                    query_offset=first.query_offset, batch=batch, **optional)
 
@@ -122,12 +123,19 @@ class Trajectory:
     def query_tokens(self) -> torch.Tensor:  # [B, P*Tq], in the order of `query_positions`
         return self.queries.flatten(1)
 
-    @property
-    def candidate_best_and_mean(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """([B, P], [B, P]): the best and the mean reward of the pairs left at each step (the per-step oracle
-        and a uniformly random choice), from `candidate_rewards` (NaN where a pair is not available)."""
-        assert self.candidate_rewards is not None, "roll out with oracle=True"
-        cand = self.candidate_rewards.float()
+    def candidate_scores(self, score: str = "reward") -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen [B, P], candidates [B, P, N], NaN where a pair was not left) of one score of every pair left:
+        `reward` (SPEC's, `rewards` and `candidate_rewards`) or `logprob` (its policy term alone,
+        `policy_logprob` and `candidate_logprobs`). Rolled out with oracle=True."""
+        chosen, cand = {"reward": (self.rewards, self.candidate_rewards),
+                        "logprob": (self.policy_logprob, self.candidate_logprobs)}[score]
+        assert cand is not None, "roll out with oracle=True"
+        return chosen, cand
+
+    def candidate_best_and_mean(self, score: str = "reward") -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, P], [B, P]): the best and the mean `score` (`candidate_scores`) of the pairs left at each step
+        (the per-step oracle and a uniformly random choice)."""
+        cand = self.candidate_scores(score)[1].float()
         return cand.nan_to_num(float("-inf")).amax(dim=2), cand.nanmean(dim=2)
 
     @property

@@ -241,8 +241,38 @@ def test_the_update_phase_takes_the_selection_step_over_every_trajectory_even_wh
     best, mean = cand.nan_to_num(float("-inf")).amax(2), cand.nanmean(2)
     expected = ((traj.rewards - mean).sum() / (best - mean).sum()).item()
     assert metrics["choice_kl"] == choice.kl and metrics["oracle_fraction"] == pytest.approx(expected, rel=1e-5)
-    assert choice_metrics(_rollout(policy, cfg), None) == {"oracle_fraction": None, "choice_kl": None,
-                                                          "choice_grad_norm": None, "choice_kl_last": None}
+    assert metrics["target_oracle_fraction"] == metrics["oracle_fraction"]  # the target is the reward
+    assert choice_metrics(_rollout(policy, cfg), None) == {"oracle_fraction": None, "target_oracle_fraction": None,
+                                                          "choice_kl": None, "choice_grad_norm": None,
+                                                          "choice_kl_last": None}
+
+
+def test_a_logprob_target_fits_the_policys_value_logprob_of_each_pair_and_logs_its_own_oracle_fraction(policy):
+    """choice_target_score logprob: the target ranks the pairs left by the policy's log-prob of their values
+    (no counterfactual query), one step moves p_select toward it, and target_oracle_fraction is measured on it."""
+    from attnrl_core.rundir import choice_metrics
+
+    cfg = tiny_config(num_kv_pairs=8, learning_rate=1e-2, choice_target_weight=1.0, choice_target_score="logprob",
+                      choice_target_temperature=0.05, temperature=3.0)
+    traj = _choice_rollout(policy, cfg)
+    assert not torch.equal(traj.candidate_logprobs.nan_to_num(), traj.candidate_rewards.nan_to_num())
+    with torch.no_grad():
+        probs = selection_probabilities(policy, traj.queries.clone(), traj.batch.key_embeddings.clone(),
+                                        traj.available.clone(), 3.0)
+    before = choice_target_kl(probs, traj.candidate_logprobs.clone(), 0.05).mean().item()
+    step = choice_target_step(policy, make_optimizer(policy, cfg), traj, training_batch_size=4,
+                              **choice_target_options(cfg))
+    assert step.kl == pytest.approx(before, rel=1e-5)
+    with torch.no_grad():
+        probs = selection_probabilities(policy, traj.queries.clone(), traj.batch.key_embeddings.clone(),
+                                        traj.available.clone(), 3.0)
+    assert choice_target_kl(probs, traj.candidate_logprobs.clone(), 0.05).mean().item() < before - 1e-3
+    cand = traj.candidate_logprobs
+    best, mean = cand.nan_to_num(float("-inf")).amax(2), cand.nanmean(2)
+    expected = ((traj.policy_logprob - mean).sum() / (best - mean).sum()).item()
+    metrics = choice_metrics(traj, step, "logprob")
+    assert metrics["target_oracle_fraction"] == pytest.approx(expected, rel=1e-5)
+    assert metrics["oracle_fraction"] == choice_metrics(traj, step)["oracle_fraction"]  # still the reward's
 
 
 def test_the_selection_objective_is_off_by_default_and_specs_loss_has_no_selection_term():
@@ -250,6 +280,7 @@ def test_the_selection_objective_is_off_by_default_and_specs_loss_has_no_selecti
     cfg = TrainConfig.from_preset("embedded", choice_target_weight=0.5, choice_target_temperature=0.2)
     assert choice_target_options(cfg)["weight"] == 0.5 and choice_target_options(cfg)["target_temperature"] == 0.2
     assert TrainConfig().choice_target_steps == 1 and choice_target_options(cfg)["steps"] == 1
+    assert TrainConfig().choice_target_score == "reward" and choice_target_options(cfg)["score"] == "reward"
 
 
 # -- value_nll_weight -----------------------------------------------------------------------------------

@@ -176,12 +176,16 @@ def test_scoring_a_bf16_model_keeps_float32_logits():
 
 def test_oracle_scores_every_pair_left_as_re_encoding_would(policy):
     """At each step the oracle's reward for every pair still in the pool equals re-encoding the whole
-    context with that pair's value (policy after its query minus base after its counterfactual); the
-    chosen pair's is the rollout's reward; pairs not available are NaN."""
+    context with that pair's value (policy after its query minus base after its counterfactual), and so
+    does its policy term (`candidate_logprobs`); the chosen pair's are the rollout's reward and
+    policy_logprob; pairs not available are NaN."""
     cfg, batch, traj = _run(policy, num_kv_pairs=8, subset_fraction=0.5, oracle=True)
     B, P, N = traj.probabilities.shape
     cand, rows, Tv = traj.candidate_rewards, torch.arange(B), cfg.tokens_per_value
     torch.testing.assert_close(cand.gather(2, traj.choices[..., None]).squeeze(-1), traj.rewards, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(traj.candidate_logprobs.gather(2, traj.choices[..., None]).squeeze(-1),
+                               traj.policy_logprob, rtol=1e-4, atol=1e-4)
+    assert torch.equal(traj.candidate_logprobs.isnan(), cand.isnan())
     q, r = SEP.query.expand(B, -1), SEP.response.expand(B, -1)
     with torch.no_grad():
         for t in range(P):
@@ -198,6 +202,7 @@ def test_oracle_scores_every_pair_left_as_re_encoding_would(policy):
                     base_lp = _naive_value_logprob(policy, torch.cat([ctx, q, traj.counterfactuals[:, t], r, value], 1), Tv)
                 ok = available[:, n]
                 torch.testing.assert_close(cand[ok, t, n], (policy_lp - base_lp)[ok], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(traj.candidate_logprobs[ok, t, n], policy_lp[ok], rtol=1e-4, atol=1e-4)
 
 
 def test_a_seeded_generator_decides_every_draw_and_leaves_the_global_one_alone(policy):
