@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -298,10 +299,14 @@ def plot_experiment(summary: dict, smooth: int = 10):
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
     axes = axes.ravel()
     for ax, (key, title) in zip(axes, panels):
+        if all(v is None for r in runs_of for v in r[key]):
+            _no_value(ax, "no value logged (e.g. every step\nhad a single pair left)")
         for arm, a in summary["arms"].items():
             curves = np.array([[np.nan if v is None else v for v in r[key]] for r in a["runs"]], dtype=float)
-            curves = _smooth(curves, smooth)
-            mean, sd = np.nanmean(curves, axis=0), np.nanstd(curves, axis=0)
+            with warnings.catch_warnings():  # an episode with no value in any seed stays a gap, not a warning
+                warnings.simplefilter("ignore", RuntimeWarning)
+                curves = _smooth(curves, smooth)
+                mean, sd = np.nanmean(curves, axis=0), np.nanstd(curves, axis=0)
             episodes = np.arange(1, curves.shape[1] + 1)
             runs = len(a["runs"])
             ax.plot(episodes, mean, label=f"{arm} ({runs} seed{'s' if runs > 1 else ''})")
@@ -336,9 +341,16 @@ def _interval_panel(ax, groups: dict, figures: list[str], title: str, xlabel: st
                 ax.errorbar(x["mean"], yi, xerr=[[x["mean"] - x["ci"][0]], [x["ci"][1] - x["mean"]]], fmt="o",
                             color=f"C{k}", capsize=3, label=name if yi == y[0] else None)
             ax.plot(x["values"], [yi] * len(x["values"]), ".", color=f"C{k}", alpha=0.5)
+    if not any(x["values"] for g in groups.values() for x in (g[f] for f in figures)):
+        _no_value(ax, "not measured in these runs")
     ax.axvline(0, color="black", lw=0.5)
     ax.set_yticks(range(len(figures)), figures)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     if any(x["ci"] is not None for g in groups.values() for x in (g[f] for f in figures)):
         ax.legend(fontsize=7)
+
+
+def _no_value(ax, why: str) -> None:
+    """Say in an empty panel why it is empty."""
+    ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="grey", fontsize=9)

@@ -298,7 +298,7 @@ def plot_step_choice(record: dict, step: int):
     axes[0][0].bar(labels, probs[left], color=colors)
     axes[0][0].axhline(1 / len(left), color="grey", ls="--", lw=1, label="uniform")
     axes[0][0].set(xlabel="pair position (orange: chosen)", ylabel="selection probability",
-                   title=f"step {step}: {len(left)} pairs left")
+                   title=f"step {step}: {len(left)} pair{'' if len(left) == 1 else 's'} left")
     axes[0][0].legend(fontsize=8)
     if candidates:
         rewards = [candidates[p] for p in left]

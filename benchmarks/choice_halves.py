@@ -1,6 +1,7 @@
 """Issue 25's overfit-check table (EXPERIMENTS.md §6): for each run directory, the training batch's selection
-entropy, per-step oracle fraction, choice KL and reward over its first 20 episodes against its last 20 (halves
-when shorter), with a Welch t 95% interval over episodes of last - first.
+entropy, per-step oracle fraction (of the reward, and of the objective's own target), choice KL and reward over
+its first 20 episodes against its last 20 (halves when shorter), with a Welch t 95% interval over episodes of
+last - first.
 Usage: python benchmarks/choice_halves.py RUN_DIR [RUN_DIR ...]"""
 import json
 import sys
@@ -24,6 +25,8 @@ for path in sys.argv[1:]:
     n = len(rows)
     half = min(20, n // 2)
     print(f"{path} ({n} episodes; first {half} vs last {min(20, n - half)})")
-    for key in ("selection_entropy", "oracle_fraction", "choice_kl", "reward"):
+    for key in ("selection_entropy", "oracle_fraction", "target_oracle_fraction", "choice_kl", "reward"):
         v = np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
-        print(f"  {key:18s} {welch(v[:half], v[max(half, n - 20):])}")
+        if all(r.get(key) is None for r in rows):  # runs before target_oracle_fraction was logged
+            continue
+        print(f"  {key:22s} {welch(v[:half], v[max(half, n - 20):])}")
