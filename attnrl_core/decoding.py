@@ -117,26 +117,33 @@ def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0, generator
 def sample_tokens(model: nn.Module, cache: DynamicCache, prompt: torch.Tensor, num_tokens: int,
                   temperature: float, greedy: bool = False, adapter_names: list[str] | None = None,
                   keep_logits: int = 0, generator: torch.Generator | None = None,
-                  rows: Rows | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  rows: Rows | None = None, logits_out: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Read `prompt` [B, S] into `cache`, then sample exactly `num_tokens` tokens [B, num_tokens].
 
     Returns the tokens and, for the first `keep_logits` rows, the logits each token was drawn from
-    [keep_logits, num_tokens, V] (None when 0). No early stop. The last sampled token is *not* read
-    into the cache: the caller's next forward pass starts with it (so the step's value scoring and
+    [keep_logits, num_tokens, V] (None when 0), written in place into `logits_out` when given (e.g. a slice
+    of the rollout's buffer for every step) or else into one buffer allocated here: no step's [B, V] logits
+    stay alive through a view, and no stack copies them again. No early stop. The last sampled token is *not*
+    read into the cache: the caller's next forward pass starts with it (so the step's value scoring and
     context extension are one pass). `rows`: which rows of a global batch the prompt's blocks hold
     (`sample_from_logits`).
     """
     logits = forward_logits(model, prompt, cache, 1, adapter_names)[:, -1]  # [B, V]
-    out, kept = [], []
+    if keep_logits and logits_out is None:
+        logits_out = logits.new_empty(keep_logits, num_tokens, logits.shape[-1])
+    if keep_logits:
+        assert logits_out.shape == (keep_logits, num_tokens, logits.shape[-1]), (logits_out.shape, logits.shape)
+    out = []
     for i in range(num_tokens):
         token = (logits.argmax(dim=-1, keepdim=True) if greedy
                  else sample_from_logits(logits, temperature, generator, rows))  # [B, 1]
         out.append(token)
         if keep_logits:
-            kept.append(logits[:keep_logits])
+            logits_out[:, i].copy_(logits[:keep_logits])
         if i + 1 < num_tokens:
             logits = forward_logits(model, token, cache, 1, adapter_names)[:, -1]
-    return torch.cat(out, dim=1), torch.stack(kept, dim=1) if keep_logits else None
+    return torch.cat(out, dim=1), logits_out if keep_logits else None
 
 
 def score_continuation(model: nn.Module, cache: DynamicCache, prefix: torch.Tensor,

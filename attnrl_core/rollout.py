@@ -143,16 +143,20 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
     cache = BufferedCache(model.config, L0 + P * step_length)
     forward_logits(model, context.repeat(2, 1), cache, 1, both)
 
-    chunks, query_logits = [context], []
+    chunks = [context]
+    query_logits = None  # [B, P*Tq, V]: every step's sampling logits written in place (allocated at step 0)
     fields = {f: [] for f in ("queries", "counterfactuals", "choices", "choice_probs", "probabilities",
                               "policy_logprob", "base_logprob", "rewards", "base_same_logprob")}
     candidate_rewards, candidate_logprobs = [], []
-    for _ in range(P):
+    for t in range(P):
         # 1. the policy writes a query; the base model writes the counterfactual in the same passes
         queries, logits = sample_tokens(model, cache, q_sep.repeat(2, 1), Tq, query_temperature, greedy, both,
                                         keep_logits=B if keep_query_logits else 0, generator=generator,
-                                        rows=global_rows)  # [2B, Tq], the policy's [B, Tq, V]
-        query_logits.append(logits)
+                                        rows=global_rows, logits_out=None if query_logits is None
+                                        else query_logits[:, t * Tq:(t + 1) * Tq])  # [2B, Tq], the policy's [B, Tq, V]
+        if keep_query_logits and query_logits is None:
+            query_logits = logits.new_empty(B, P * Tq, logits.shape[-1])
+            query_logits[:, :Tq].copy_(logits)
         query, cf = queries[:B], queries[B:]
         # 2. the query's embedding scores the keys left in the pool
         probs = compute_similarity(query_embeddings(model, query, similarity_layer), batch.key_embeddings,
@@ -185,7 +189,7 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
     model.train(was_training)
     return Trajectory(tokens=tokens, **{name: torch.stack(xs, dim=1) for name, xs in fields.items()},
                       initial_length=L0, step_length=step_length, query_offset=q_sep.shape[1], batch=batch,
-                      query_logits=torch.cat(query_logits, dim=1) if keep_query_logits else None,
+                      query_logits=query_logits,
                       candidate_rewards=torch.stack(candidate_rewards, dim=1) if oracle else None,
                       candidate_logprobs=torch.stack(candidate_logprobs, dim=1) if oracle else None)
 

@@ -4,7 +4,7 @@ from transformers import DynamicCache
 
 from attnrl_core.naive import _naive_value_logprob  # mean log-prob of the last Tv tokens, re-encoding all
 from attnrl_core.model import GQA_SDPA, base_model, head_geometry
-from attnrl_core.decoding import BufferedCache, sample_from_logits
+from attnrl_core.decoding import BufferedCache, sample_from_logits, sample_tokens
 from attnrl_core.rollout import calculate_reward, initial_context, rollout
 
 from .conftest import SEP, VOCAB, make_batch, tiny_config, tiny_llama
@@ -108,6 +108,27 @@ def test_sample_from_logits_follows_the_tempered_softmax():
     freq = F.one_hot(draws, 5).float().mean(dim=1)  # [2, 5]
     torch.testing.assert_close(freq, F.softmax(logits / temperature, dim=-1), rtol=0, atol=0.015)
     assert not (draws[0] == 4).any()  # a token of probability 0 is never drawn
+
+
+def test_kept_sampling_logits_are_written_in_place_into_one_buffer(policy):
+    """sample_tokens writes the kept rows' logits into the buffer it is given (the same numbers as into its own),
+    and a rollout's query_logits is one [B, P*Tq, V] buffer of its own: no concatenation of per-step copies, no
+    view keeping a larger tensor alive."""
+    prompt = torch.randint(10, VOCAB, (4, 5))
+    buffer = torch.full((2, 3, VOCAB), float("nan"))
+    with torch.no_grad():
+        results = []
+        for out in (None, buffer):
+            cache = DynamicCache(config=policy.config)
+            results.append(sample_tokens(policy, cache, prompt, 3, 1.0, greedy=True, keep_logits=2, logits_out=out))
+    (tokens, own), (tokens2, given) = results
+    assert torch.equal(tokens, tokens2) and torch.equal(own, given) and not given.isnan().any()
+    assert given is buffer  # written in place, not copied
+    cfg, _, traj = _run(policy, num_kv_pairs=8)
+    B, P, Tq = traj.queries.shape
+    q = traj.query_logits
+    assert q.shape == (B, P * Tq, VOCAB) and q.is_contiguous()
+    assert q.untyped_storage().nbytes() == q.numel() * q.element_size()
 
 
 def test_buffered_cache_rows_are_written_in_place():
