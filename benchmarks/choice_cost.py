@@ -7,27 +7,15 @@ import time
 
 import torch
 
-from attnrl_core.config import TrainConfig
-from attnrl_core.corpus import DataPosition
-from attnrl_core.data import encode_separators
-from attnrl_core.distributed import Ranks
-from attnrl_core.embeddings import key_embedding_fn
-from attnrl_core.model import head_geometry, load_policy, resolve_device
 from attnrl_core.rollout import rollout, rollout_options
-from attnrl_core.run import _rank_batches
 from attnrl_core.training import choice_target_options, choice_target_step, make_optimizer
+from choice_setup import embedded_setup
 
-torch.set_num_threads(1)
-torch.manual_seed(0)
-cfg = TrainConfig.from_preset("embedded", max_train_articles=8, num_kv_pairs=16, learning_rate=1e-3,
-                              trajectories_per_article=4, choice_target_weight=20.0, choice_target_temperature=0.1,
-                              temperature=4.0, generation_batch_size=8)
-device = resolve_device(cfg)
-model, tok = load_policy(cfg, device, None)
-sep, geo = encode_separators(tok), head_geometry(model)
+cfg, model, sep, geo, batches = embedded_setup(max_train_articles=8, num_kv_pairs=16, learning_rate=1e-3,
+                                               trajectories_per_article=4, choice_target_weight=20.0,
+                                               choice_target_temperature=0.1, temperature=4.0, generation_batch_size=8)
 opt = make_optimizer(model, cfg)
-batch, mine = next(_rank_batches(cfg, tok, key_embedding_fn(model, device, layer=cfg.similarity_layer),
-                                 DataPosition(), Ranks()))
+batch, mine = next(batches)
 
 
 def timed(fn, repeats: int = 2) -> float:

@@ -7,31 +7,20 @@ import sys
 
 import torch
 
-from attnrl_core.config import TrainConfig
-from attnrl_core.corpus import DataPosition
-from attnrl_core.data import encode_separators
 from attnrl_core.diagnostics import selection_entropy
-from attnrl_core.distributed import Ranks
-from attnrl_core.embeddings import key_embedding_fn, selection_probabilities
+from attnrl_core.embeddings import selection_probabilities
 from attnrl_core.loss import choice_target_kl
-from attnrl_core.model import head_geometry, load_policy, resolve_device
 from attnrl_core.rollout import rollout, rollout_options
-from attnrl_core.run import _rank_batches
 from attnrl_core.training import choice_target_options, choice_target_step, make_optimizer
+from choice_setup import embedded_setup
 
-torch.set_num_threads(1)
-torch.manual_seed(0)
 lr = float(sys.argv[1]) if len(sys.argv) > 1 else 1e-3
 similarity_temperature = float(sys.argv[2]) if len(sys.argv) > 2 else 1.0
-cfg = TrainConfig.from_preset("embedded", max_train_articles=8, num_kv_pairs=16, learning_rate=lr,
-                              temperature=similarity_temperature,
-                              choice_target_weight=20.0, choice_target_temperature=0.1, generation_batch_size=8)
-device = resolve_device(cfg)
-model, tok = load_policy(cfg, device, None)
-sep, geo = encode_separators(tok), head_geometry(model)
+cfg, model, sep, geo, batches = embedded_setup(max_train_articles=8, num_kv_pairs=16, learning_rate=lr,
+                                               temperature=similarity_temperature, choice_target_weight=20.0,
+                                               choice_target_temperature=0.1, generation_batch_size=8)
 opt = make_optimizer(model, cfg)
-embed = key_embedding_fn(model, device, layer=cfg.similarity_layer)
-batch, mine = next(_rank_batches(cfg, tok, embed, DataPosition(), Ranks()))
+batch, mine = next(batches)
 traj = rollout(model, mine, sep, geo, oracle=True, **rollout_options(cfg))
 opts = choice_target_options(cfg)
 

@@ -20,28 +20,15 @@ from collections import defaultdict
 
 import torch
 
-from attnrl_core.config import TrainConfig
-from attnrl_core.corpus import DataPosition
-from attnrl_core.data import encode_separators
-from attnrl_core.distributed import Ranks
-from attnrl_core.embeddings import key_embedding_fn
-from attnrl_core.model import head_geometry, load_policy, resolve_device
 from attnrl_core.rollout import rollout, rollout_options
-from attnrl_core.run import _rank_batches
+from choice_setup import embedded_setup
 
-torch.set_num_threads(1)
-torch.manual_seed(0)
 num_batches = int(sys.argv[1]) if len(sys.argv) > 1 else 20
 num_pairs = int(sys.argv[2]) if len(sys.argv) > 2 else 16
-cfg = TrainConfig.from_preset("embedded", max_train_articles=8, num_kv_pairs=num_pairs, generation_batch_size=8,
-                              trajectories_per_article=4)
-device = resolve_device(cfg)
-model, tok = load_policy(cfg, device, None)
-sep, geo = encode_separators(tok), head_geometry(model)
-embed = key_embedding_fn(model, device, layer=cfg.similarity_layer)
+cfg, model, sep, geo, batches = embedded_setup(max_train_articles=8, num_kv_pairs=num_pairs, generation_batch_size=8,
+                                               trajectories_per_article=4)
 
 steps = {"reward": [], "logprob": []}  # score -> [(article, row id, pair indices [K], scores [K])]
-batches = _rank_batches(cfg, tok, embed, DataPosition(), Ranks())
 for b in range(num_batches):
     batch, mine = next(batches)
     traj = rollout(model, mine, sep, geo, oracle=True, **rollout_options(cfg))
