@@ -3,7 +3,7 @@
 Bad input ends with one line naming the problem and the fix, exit code 2, and nothing written. Each
 command imports its module when it runs, so `--help` and a refused flag answer without loading torch.
 Imports attnrl_core.config (and, per command, .run, .assets, .evaluate, .diagnostics, .rundir, .experiment,
-.bench or .doctor).
+.bench, .memory or .doctor).
 """
 
 from __future__ import annotations
@@ -165,6 +165,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return main_bench(args.preset, args.json, args.skip_naive, args.batch_size, args.num_kv_pairs, args.num_threads)
 
 
+def _cmd_memory(args: argparse.Namespace) -> int:
+    from .memory import PRESET_SHAPES, memory_report, parse_bytes
+
+    cfg = config_from_args(args)
+    if cfg.preset not in PRESET_SHAPES:
+        raise ValueError(f"--preset {cfg.preset!r} has no model shape: use one of {sorted(PRESET_SHAPES)}")
+    print(memory_report(cfg, PRESET_SHAPES[cfg.preset], parse_bytes(args.gpu_memory), args.json))
+    return 0
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import format_table, run_checks
 
@@ -260,6 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num_threads", type=int, default=0,
                        help="CPU threads (0: this process's share of the cores among running attnrl processes)")
     bench.set_defaults(func=_cmd_bench)
+    memory = sub.add_parser("memory", help="the memory plan of a run and the sizes that fit a GPU (no GPU needed)",
+                            description="Each term of a run's memory (weights, KV cache, kept logits, activations, "
+                                        "loss buffers) from its config and its model's shape, the peak of each "
+                                        "phase, and the rollout chunk and update micro-batch that fit --gpu_memory. "
+                                        "Every TrainConfig field is a flag.")
+    memory.add_argument("--gpu_memory", default="16GB", help="memory to fit, e.g. 16GB, 24GiB (default 16GB)")
+    memory.add_argument("--json", action="store_true", help="print one JSON object")
+    add_config_arguments(memory)
+    memory.set_defaults(func=_cmd_memory)
     doctor = sub.add_parser("doctor", help="check the environment and say what to fix")
     doctor.add_argument("--output_dir", default="runs", help="where checkpoints will go (disk space check)")
     doctor.set_defaults(func=_cmd_doctor)

@@ -60,6 +60,9 @@ class TrainConfig:
     lora_alpha: int = _f(16, "LoRA alpha")
     lora_dropout: float = _f(0.05, "LoRA dropout (active in the update phase only)")
     lora_target_modules: str = _f("q_proj,v_proj", "comma-separated module names the adapter wraps")
+    gradient_checkpointing: int = _f(1, "1: the update recomputes each decoder layer in its backward pass instead of "
+                                     "keeping its activations (less memory per trajectory, about a third more update "
+                                     "time; the same numbers)")
     # --- policy and selection ---------------------------------------------------------------
     temperature: float = _f(1.0, "similarity temperature: scores are multiplied by it (larger = sharper)")
     query_temperature: float = _f(1.0, "sampling temperature of query tokens (policy and counterfactual)")
@@ -155,6 +158,7 @@ class TrainConfig:
         need(self.filter_num_sd >= 0, "filter_num_sd", ">= 0")
         need(self.max_train_articles >= 0, "max_train_articles", "an integer >= 0 (0: all)")
         need(self.choice_in_loss in (0, 1), "choice_in_loss", "0 or 1")
+        need(self.gradient_checkpointing in (0, 1), "gradient_checkpointing", "0 or 1")
         need(self.value_nll_weight >= 0, "value_nll_weight", ">= 0")
         need(self.choice_target_weight >= 0, "choice_target_weight", ">= 0")
         need(self.choice_target_temperature > 0, "choice_target_temperature", "> 0")
@@ -245,7 +249,8 @@ class TrainConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # SPEC.md's full run: Llama-3.2-3B in bf16 on a GPU, Hub Wikipedia streamed.
+    # SPEC.md's full run: Llama-3.2-3B in bf16 on a GPU, Hub Wikipedia streamed; gradient checkpointing on, the
+    # memory plan's way to SPEC's micro-batch of 16 within 16 GB (`python -m attnrl_core memory`).
     "llama-3.2-3b": {},
     # Runs anywhere, offline, on two CPU cores: the packaged SmolLM2-135M and Wikipedia sample.
     # Sized so the README's main job takes a few minutes and the filter fires: two warm-up batches,
@@ -255,6 +260,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dataset_name": EMBEDDED_DATASET,
         "dataset_config": "",
         "num_kv_pairs": 8,
+        "gradient_checkpointing": 0,  # a CPU's memory holds the small model's activations: no recomputation
         "generation_batch_size": 8,
         "training_batch_size": 4,
         "num_episodes": 20,

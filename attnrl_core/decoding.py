@@ -98,6 +98,43 @@ def forward_logits(model: nn.Module, ids: torch.Tensor, cache: DynamicCache, log
     return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep, **extra).logits
 
 
+def forward_hidden(model: nn.Module, ids: torch.Tensor, cache: DynamicCache | None, positions: torch.Tensor,
+                   adapter_names: list[str] | None = None) -> torch.Tensor:
+    """The last hidden states [B, K, H] at `positions` [K] of `ids` [B, S] (what the LM head would read there), by
+    the model's own forward pass (adapters, mixed-adapter batches and all) with its head swapped out for the
+    call: the caller applies the head in pieces (`head_logprobs`, `loss.reinforce_loss`'s chunks) instead of
+    holding [B, K, V] logits."""
+    extra = {} if adapter_names is None else {"adapter_names": adapter_names}
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = inner.get_output_embeddings()
+    inner.set_output_embeddings(nn.Identity())
+    try:
+        return model(input_ids=ids, cache=cache, use_cache=cache is not None, logits_to_keep=positions, **extra).logits
+    finally:
+        inner.set_output_embeddings(head)
+
+
+# A [rows, positions, V] float32 logits tensor is computed in pieces of about this size: at Llama-3.2-3B's
+# vocabulary a whole one is 0.6-1.3 GB for SPEC's batches (memory.py), a piece keeps the head's matmul large
+LOGITS_CHUNK_BYTES = 128 * 2**20
+
+
+def chunk_length(per_item_bytes: int, items: int, max_bytes: int = LOGITS_CHUNK_BYTES) -> int:
+    """How many of `items` (rows or positions) of `per_item_bytes` each fit in `max_bytes` (at least 1)."""
+    return max(1, min(items, max_bytes // max(per_item_bytes, 1)))
+
+
+def head_logprobs(head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor,
+                  max_bytes: int = LOGITS_CHUNK_BYTES) -> torch.Tensor:
+    """log p(tokens) [B, T] (float32) under head(hidden [B, T, H]), in row chunks of at most `max_bytes` of
+    logits: the [B, T, V] logits and `logsumexp`'s same-size temporary never exist whole. No gradient is kept
+    apart from the one through `hidden` (scoring runs in inference mode)."""
+    B, T = tokens.shape
+    assert hidden.shape[:2] == (B, T), (hidden.shape, tokens.shape)
+    rows = chunk_length(T * head.out_features * 4, B, max_bytes)
+    return torch.cat([token_logprobs(head(h), t) for h, t in zip(hidden.split(rows), tokens.split(rows))])
+
+
 def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None,
                        rows: Rows | None = None) -> torch.Tensor:
     """One token per row [B, 1] from softmax(logits [B, V] / temperature), by inverting the CDF.
@@ -158,7 +195,8 @@ def score_tail(model: nn.Module, cache: DynamicCache, ids: torch.Tensor, T: int,
     S = ids.shape[1]
     target = ids[:, S - T:]
     predicting = torch.arange(S - T - 1, S - 1, device=ids.device)  # the positions before each target token
-    return token_logprobs(forward_logits(model, ids, cache, predicting, adapter_names), target)
+    hidden = forward_hidden(model, ids, cache, predicting, adapter_names)  # [B, T, H]
+    return head_logprobs(model.get_output_embeddings(), hidden, target)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,9 @@ import shutil
 import socket
 from pathlib import Path
 
+from .config import TrainConfig
+from .memory import GB, PRESET_SHAPES, choose_sizes, plan
+
 MIN_VERSIONS = {"torch": "2.13.0", "transformers": "5.23.0", "peft": "0.21.2", "bitsandbytes": "0.50.2",
                 "datasets": "5.2.0", "safetensors": "0.8.0", "gguf": "0.19.0"}
 
@@ -36,6 +39,7 @@ def run_checks(output_dir: str = "runs") -> list[tuple[str, str, str, str]]:
                      "" if total >= 16 * gib else "SPEC.md asks for >= 16 GB: lower generation_batch_size"))
     else:
         rows.append(("CUDA", "WARN", "not available (CPU only)", "fine for --preset embedded; a GPU for llama-3.2-3b"))
+    rows.append(memory_plan_row(torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None))
     try:
         import bitsandbytes as bnb
 
@@ -76,6 +80,24 @@ def run_checks(output_dir: str = "runs") -> list[tuple[str, str, str, str]]:
     rows.append(("disk for checkpoints", "OK" if free_gib >= 5 else "WARN", f"{free_gib:.1f} GiB free at {target}",
                  "" if free_gib >= 5 else "free space or set --keep_checkpoints"))
     return rows
+
+
+def memory_plan_row(gpu_bytes: int | None) -> tuple[str, str, str, str]:
+    """The memory plan on this machine (`memory`): on a GPU, the sizes SPEC's run gets in its memory; on a CPU,
+    the embedded default's peak against the memory available."""
+    if gpu_bytes is not None:
+        cfg = TrainConfig.from_preset("llama-3.2-3b")
+        chunk, micro, p = choose_sizes(cfg, PRESET_SHAPES["llama-3.2-3b"], gpu_bytes)
+        full = (chunk, micro) == (cfg.generation_batch_size, cfg.training_batch_size)
+        return ("memory plan (llama-3.2-3b)", "OK" if full else "WARN",
+                f"rollout chunk {chunk}, micro-batch {micro}; peak {p.peak / GB:.1f} of {gpu_bytes / GB:.1f} GB",
+                "" if full else "runs with smaller chunks (same numbers, slower): `python -m attnrl_core memory`")
+    cfg = TrainConfig.from_preset("embedded")
+    p = plan(cfg, PRESET_SHAPES["embedded"])
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    ok = p.peak < available
+    return ("memory plan (embedded)", "OK" if ok else "WARN",
+            f"peak {p.peak / GB:.2f} GB of {available / GB:.1f} GB available", "" if ok else "close other programs")
 
 
 def format_table(rows: list[tuple[str, str, str, str]]) -> str:

@@ -11,11 +11,13 @@ over every rolled-out trajectory. Pure functions of tensors; imports attnrl_core
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from .decoding import token_logprobs
+from .decoding import LOGITS_CHUNK_BYTES, chunk_length, token_logprobs
 
 
 def advantages(rewards: torch.Tensor, baseline: str, running_mean: float = 0.0, per_article: int = 1) -> torch.Tensor:
@@ -58,6 +60,27 @@ class LossTerms:
     value_nll: torch.Tensor | None = None
 
 
+def _token_terms(current_logits: torch.Tensor, previous_logits: torch.Tensor, tokens: torch.Tensor,
+                 query_temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """([n] sum over positions of log pi(token), [n] sum over positions of KL(previous || pi)) from logits [n, m, V]."""
+    current, previous = current_logits.float(), previous_logits.float()
+    if query_temperature != 1.0:  # at 1 the division would only copy two [n, m, V] tensors
+        current, previous = current / query_temperature, previous / query_temperature
+    current_logp = F.log_softmax(current, dim=-1)  # one [n, m, V] log-softmax serves both terms
+    logp = current_logp.gather(-1, tokens[..., None]).squeeze(-1).sum(dim=1)
+    return logp, _kl(current_logp, F.log_softmax(previous, dim=-1)).sum(dim=1)
+
+
+def _combine(logp: torch.Tensor, kl: torch.Tensor, rewards: torch.Tensor, beta: float,
+             choice_logprob: torch.Tensor | None) -> LossTerms:
+    assert choice_logprob is None or choice_logprob.shape == rewards.shape, choice_logprob.shape
+    if choice_logprob is not None:
+        logp = logp + choice_logprob
+    policy_loss = -(rewards * logp).mean()
+    kl = kl.mean()
+    return LossTerms(policy_loss + beta * kl, policy_loss, kl)
+
+
 def reinforce_loss(current_logits: torch.Tensor, previous_logits: torch.Tensor, tokens: torch.Tensor,
                    rewards: torch.Tensor, beta: float, query_temperature: float = 1.0,
                    choice_logprob: torch.Tensor | None = None) -> LossTerms:
@@ -69,17 +92,32 @@ def reinforce_loss(current_logits: torch.Tensor, previous_logits: torch.Tensor, 
     """
     n, M, _ = current_logits.shape
     assert previous_logits.shape == current_logits.shape and tokens.shape == (n, M) and rewards.shape == (n,)
-    assert choice_logprob is None or choice_logprob.shape == (n,), choice_logprob.shape
-    current, previous = current_logits.float(), previous_logits.float()
-    if query_temperature != 1.0:  # at 1 the division would only copy two [n, M, V] tensors
-        current, previous = current / query_temperature, previous / query_temperature
-    current_logp = F.log_softmax(current, dim=-1)  # one [n, M, V] log-softmax serves both terms
-    logp = current_logp.gather(-1, tokens[..., None]).squeeze(-1).sum(dim=1)  # [n]
-    if choice_logprob is not None:
-        logp = logp + choice_logprob
-    policy_loss = -(rewards * logp).mean()
-    kl = _kl(current_logp, F.log_softmax(previous, dim=-1)).sum(dim=1).mean()
-    return LossTerms(policy_loss + beta * kl, policy_loss, kl)
+    return _combine(*_token_terms(current_logits, previous_logits, tokens, query_temperature), rewards, beta,
+                    choice_logprob)
+
+
+def chunked_reinforce_loss(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+                           previous: Callable[[int, int], torch.Tensor], tokens: torch.Tensor, rewards: torch.Tensor,
+                           beta: float, query_temperature: float = 1.0, choice_logprob: torch.Tensor | None = None,
+                           max_bytes: int = LOGITS_CHUNK_BYTES) -> LossTerms:
+    """`reinforce_loss` from the LM head's input, hidden [n, M, H], with the head (`head`: [n, m, H] -> [n, m, V]
+    logits) and the reference (`previous(a, b)`: its logits [n, b - a, V] at positions a..b-1) applied in chunks of
+    positions whose logits take at most `max_bytes`: each chunk's logits, log-softmaxes and KL terms are freed
+    once its sums are taken and recomputed in the backward pass (activation checkpointing), so none of the
+    [n, M, V] float32 tensors the loss reads exists whole. Batches that fit in one chunk take `reinforce_loss`'s
+    own single pass (no recomputation); the same numbers either way, to float32 summation order."""
+    n, M, _ = hidden.shape
+    assert tokens.shape == (n, M) and rewards.shape == (n,), (hidden.shape, tokens.shape, rewards.shape)
+    step = chunk_length(n * head.out_features * 4, M, max_bytes)
+    if step >= M:
+        return reinforce_loss(head(hidden), previous(0, M), tokens, rewards, beta, query_temperature, choice_logprob)
+
+    def chunk(h: torch.Tensor, a: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b = a + h.shape[1]
+        return _token_terms(head(h), previous(a, b), tokens[:, a:b], query_temperature)
+
+    parts = [checkpoint(chunk, hidden[:, a:a + step], a, use_reentrant=False) for a in range(0, M, step)]
+    return _combine(sum(p[0] for p in parts), sum(p[1] for p in parts), rewards, beta, choice_logprob)
 
 
 def choice_target_kl(select_probs: torch.Tensor, candidate_rewards: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -102,6 +102,7 @@ class Float32Head(nn.Module):
         assert head.bias is None, "Llama-family heads have no bias"
         # a buffer of its own name: re-tying the embeddings (`tie_weights`) cannot swap it back to bf16
         self.register_buffer("weight_fp32", head.weight.detach().float().clone(), persistent=False)
+        self.out_features = head.out_features
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden.float(), self.weight_fp32)
@@ -132,6 +133,7 @@ def load_policy(cfg: TrainConfig, device: torch.device | None = None, tokenizer=
     """(policy model with adapter, tokenizer) for a config; pass a tokenizer already loaded to reuse it."""
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
     model = attach_adapter(load_base_model(cfg, device), cfg)
+    set_gradient_checkpointing(model, bool(cfg.gradient_checkpointing))
     return model, tokenizer
 
 
@@ -152,6 +154,21 @@ def policy_and_base(model: nn.Module, B: int) -> list[str] | None:
     if not hasattr(model, "disable_adapter"):
         return None
     return [model.active_adapter] * B + ["__base__"] * B
+
+
+def set_gradient_checkpointing(model: nn.Module, on: bool) -> None:
+    """Recompute each decoder layer in the backward pass instead of keeping its activations (`--gradient_checkpointing`):
+    the update's memory per trajectory falls to each layer's input, for about one more forward pass of time.
+    transformers' own switch, non-reentrant (the adapter's gradient needs no grad-requiring input); it acts in
+    training mode only, so rollouts (eval mode, no gradient) are unchanged."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if on:
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # transformers also makes the embeddings' output require a gradient, which only reentrant checkpointing
+        # needs, and which fails on the rollout's inference tensors
+        inner.disable_input_require_grads()
+    else:
+        inner.activation_checkpointing_disable()
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:

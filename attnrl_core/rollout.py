@@ -83,7 +83,7 @@ def choose_pairs(probs: torch.Tensor, available: torch.Tensor, selector: str, gr
 
 
 def score_candidates(model: nn.Module, cache: BufferedCache, last_query_token: torch.Tensor, r_sep: torch.Tensor,
-                     values: torch.Tensor, available: torch.Tensor, both: list[str] | None
+                     values: torch.Tensor, available: torch.Tensor, both: list[str] | None, left: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """The oracle's view of a step: the reward [B, N] every pair still in the pool would earn, and the policy's
     mean log-prob [B, N] of its value within that reward (NaN for the pairs not left), each value scored after
@@ -91,12 +91,15 @@ def score_candidates(model: nn.Module, cache: BufferedCache, last_query_token: t
 
     The 2B rows of `cache` (policy, then base; each at context + ` Query:` + its query but the last
     token, `last_query_token` [2B, 1]) are copied K = pairs left times and read ` Response:` value_k in
-    one pass: the context is never re-encoded. `cache` itself is left as it was.
+    one pass: the context is never re-encoded. `cache` itself is left as it was. `left`: the pairs left in every
+    row's pool (the same at every row: one pair leaves each pool per step), known on the host, so that nothing
+    here waits for the device.
     """
     B, N = available.shape
-    K = int(available[0].sum())  # the same at every row: one pair leaves each pool per step
+    K = left
     rows = torch.arange(B, device=available.device)
-    candidates = available.nonzero()[:, 1].view(B, K)  # [B, K] pair indices, ascending
+    # [B, K] pair indices, ascending: a stable sort puts the available ones first, in order (no `nonzero`)
+    candidates = torch.argsort((~available).to(torch.uint8), dim=1, stable=True)[:, :K]
     target = values[rows[:, None], candidates].reshape(B * K, -1).repeat(2, 1)  # [2BK, Tv]: policy, then base
     prefix = torch.cat([last_query_token, r_sep], dim=1).repeat_interleave(K, dim=0)  # [2BK, 1 + Sr]
     names = None if both is None else [both[0]] * (B * K) + [both[-1]] * (B * K)
@@ -144,26 +147,26 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
     forward_logits(model, context.repeat(2, 1), cache, 1, both)
 
     chunks = [context]
-    query_logits = None  # [B, P*Tq, V]: every step's sampling logits written in place (allocated at step 0)
+    # [B, P*Tq, V] float32 (what the update reads): every step's sampling logits written in place
+    query_logits = (torch.empty(B, P * Tq, model.get_output_embeddings().out_features, device=device)
+                    if keep_query_logits else None)
     fields = {f: [] for f in ("queries", "counterfactuals", "choices", "choice_probs", "probabilities",
                               "policy_logprob", "base_logprob", "rewards", "base_same_logprob")}
     candidate_rewards, candidate_logprobs = [], []
     for t in range(P):
         # 1. the policy writes a query; the base model writes the counterfactual in the same passes
-        queries, logits = sample_tokens(model, cache, q_sep.repeat(2, 1), Tq, query_temperature, greedy, both,
+        queries, _ = sample_tokens(model, cache, q_sep.repeat(2, 1), Tq, query_temperature, greedy, both,
                                         keep_logits=B if keep_query_logits else 0, generator=generator,
                                         rows=global_rows, logits_out=None if query_logits is None
                                         else query_logits[:, t * Tq:(t + 1) * Tq])  # [2B, Tq], the policy's [B, Tq, V]
-        if keep_query_logits and query_logits is None:
-            query_logits = logits.new_empty(B, P * Tq, logits.shape[-1])
-            query_logits[:, :Tq].copy_(logits)
         query, cf = queries[:B], queries[B:]
         # 2. the query's embedding scores the keys left in the pool
         probs = compute_similarity(query_embeddings(model, query, similarity_layer), batch.key_embeddings,
                                    geo.num_query_heads, geo.num_kv_heads, similarity_temperature, available)  # [B, N]
         # 3. draw a pair without replacement
         if oracle:
-            reward, logprob = score_candidates(model, cache, queries[:, -1:], r_sep.repeat(2, 1), values, available, both)
+            reward, logprob = score_candidates(model, cache, queries[:, -1:], r_sep.repeat(2, 1), values, available, both,
+                                               P - t)
             candidate_rewards.append(reward)
             candidate_logprobs.append(logprob)
         choice, probs = choose_pairs(probs, available, selector, greedy, generator, global_rows)  # [B], [B, N]

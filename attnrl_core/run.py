@@ -3,8 +3,8 @@
 `train(cfg)` initialises (model + adapter, data stream with key embeddings, 8-bit Adam, reward
 statistics), then per episode rolls out a batch, filters it, updates the policy on the selected
 trajectories, and logs; the run directory's format is `rundir`'s. Imports attnrl_core.accounting,
-.checkpoint, .config, .corpus, .data, .distributed, .embeddings, .evaluate, .files, .filtering, .host, .loss, .model,
-.resilience, .rollout, .rundir, .tracking, .training and .viz.
+.checkpoint, .config, .corpus, .data, .distributed, .embeddings, .evaluate, .files, .filtering, .host, .loss, .memory,
+.model, .resilience, .rollout, .rundir, .tracking, .training and .viz.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from .rundir import choice_metrics, episode_metrics, prepare_run_dir, trajectory
 from .tracking import Trackers, parse_report_to
 from .filtering import RunningStats, filter_batch, warmup_episodes, warmup_message
 from .loss import advantages
+from .memory import GB, ModelShape, SequenceShape, choose_sizes
 from .training import choice_target_options, make_optimizer, read_length, update_options
 from .viz import save_run_figures
 
@@ -140,6 +141,9 @@ def _train(cfg: TrainConfig, ranks: Ranks, out: Path, ckpt: Path | None, device:
     batches = _rank_batches(cfg, tokenizer, embed, data_start, ranks)
     sizes = FallbackState(cfg.generation_batch_size // ranks.world, cfg.training_batch_size,
                           cfg.gradient_accumulation_steps)
+    if device.type == "cuda":  # sizes from the memory plan, before any out-of-memory error has to teach them
+        free, _ = torch.cuda.mem_get_info(device)
+        sizes = planned_sizes(cfg, model, sep, free + torch.cuda.memory_allocated(device), ranks.world)
     # the same held-out batch every time, so the eval_* curve is comparable across episodes
     heldout = heldout_batch(cfg, tokenizer, embed, cfg.eval_articles, cfg.seed) if cfg.eval_every and ranks.main else None
     describe = lambda: hardware_state(device)  # noqa: E731
@@ -228,6 +232,24 @@ def _filter_and_update(cfg: TrainConfig, episode: int, model, optimizer, traj, l
                                    choice_target=choice_target_options(cfg), **update_options(cfg))
     ranks.sync_rng(device)  # the update's dropout draws differ between ranks
     return finite, selected, threshold, advantage, upd, choice
+
+
+def planned_sizes(cfg: TrainConfig, model, sep, memory_bytes: int, world: int = 1) -> FallbackState:
+    """The rollout chunk and update micro-batch (`memory.choose_sizes`) that fit `memory_bytes` (a GPU's free memory
+    plus what this process already holds: the plan counts the weights), accumulation raised so that an optimizer
+    step still covers training_batch_size x gradient_accumulation_steps trajectories; logged."""
+    shape = ModelShape.from_config(model.config, _weights_dtype(model))
+    seq = SequenceShape.of(cfg, len(sep.bos), len(sep.query), len(sep.response))
+    local = cfg.replace(generation_batch_size=cfg.generation_batch_size // world)
+    chunk, micro, p = choose_sizes(local, shape, memory_bytes, seq)
+    log.info("memory plan for %.1f GB: rollout chunk %d of %d, update micro-batch %d of %d (peak %.1f GB)",
+             memory_bytes / GB, chunk, local.generation_batch_size, micro, cfg.training_batch_size, p.peak / GB)
+    return FallbackState(chunk, micro, cfg.gradient_accumulation_steps * (cfg.training_batch_size // micro))
+
+
+def _weights_dtype(model) -> torch.dtype:
+    """The dtype of the model's frozen weights (the adapter's are float32 whatever they are)."""
+    return next(p.dtype for p in model.parameters() if not p.requires_grad)
 
 
 def _prepare_host(cfg: TrainConfig, device: torch.device) -> None:

@@ -16,7 +16,8 @@ are planned over the global selection, each rank adds the loss of the step's tra
 and the gradients are summed over the ranks before clipping, so every rank takes the same step.
 
 `update_policy` is the thin stateful shell around the pure loss, and `make_optimizer` builds the
-8-bit Adam it steps. Imports attnrl_core.config, .distributed, .embeddings, .loss, .model and .trajectory.
+8-bit Adam it steps. Imports attnrl_core.config, .decoding, .distributed, .embeddings, .loss, .model and
+.trajectory.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import bitsandbytes as bnb
 import torch
@@ -32,7 +34,8 @@ from torch import nn
 from .config import TrainConfig
 from .distributed import Ranks
 from .embeddings import choice_logprob, selection_probabilities
-from .loss import choice_target_kl, reinforce_loss, value_nll
+from .decoding import forward_hidden
+from .loss import LossTerms, choice_target_kl, chunked_reinforce_loss, value_nll
 from .model import adapter_parameters, base_model
 from .trajectory import Trajectory
 
@@ -48,14 +51,16 @@ def trajectory_choice_logprob(model: nn.Module, trajectory: Trajectory, rows: to
                           trajectory.choices[rows].clone(), similarity_temperature, similarity_layer).sum(dim=1)
 
 
-def query_logits(model: nn.Module, tokens: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
+def query_logits(model: nn.Module, tokens: torch.Tensor, query_positions: torch.Tensor,
+                 end: int | None = None) -> torch.Tensor:
     """Teacher-forced logits [n, M, V] predicting the tokens at `query_positions` [M] of `tokens` [n, L]
     (any positions work: the value NLL passes the value positions too).
 
-    Reads `tokens` only up to the last position asked for (`read_length`): the causal model's logits there do not
-    depend on anything after it (its share of the work is in BENCHMARKS.md).
+    Reads `tokens` only up to the last position asked for (`end`, default `read_length`, which reads it from the
+    positions: pass it when they are on a GPU, where that read waits for the device): the causal model's logits
+    there do not depend on anything after it (its share of the work is in BENCHMARKS.md).
     """
-    end = read_length(query_positions)
+    end = read_length(query_positions) if end is None else end
     return model(input_ids=tokens[:, :end], use_cache=False, logits_to_keep=query_positions - 1).logits
 
 
@@ -97,6 +102,30 @@ def previous_policy_logits(model: nn.Module, trajectory: Trajectory, rows: torch
     with torch.no_grad(), swapped_parameters(params, previous):
         model.eval()  # the previous policy without dropout
         return query_logits(model, tokens, positions)
+
+
+def micro_batch_terms(model: nn.Module, trajectory: Trajectory, rows: torch.Tensor, tokens: torch.Tensor,
+                      positions: torch.Tensor, end: int, M: int, rewards: torch.Tensor, options: dict | TrainConfig,
+                      params: list[nn.Parameter] | None, previous: list[torch.Tensor] | None) -> LossTerms:
+    """The loss terms of one micro-batch (trajectories `rows`, their `tokens` [n, L] and loss factor `rewards`
+    [n]), ready for `backward`: the KL's reference at the M query positions (the first M of `positions`, which
+    go on to the value positions when the value NLL is on), one teacher-forced pass reading `end` tokens, and
+    `loss.reinforce_loss` (+ the value NLL). `options`: `update_policy`'s keywords for the loss, or a config.
+    Reads no value back from the device (`memtrace` runs it on `meta`)."""
+    o = update_options(options) if isinstance(options, TrainConfig) else options
+    params = adapter_parameters(model) if params is None else params
+    reference = _reference(model, trajectory, rows, tokens, positions[:M], end, params, previous, o["kl_reference"])
+    model.train()
+    hidden = forward_hidden(model, tokens[:, :end], None, positions - 1)  # [n, M (+ value positions), H]
+    head = model.get_output_embeddings()
+    choice = (trajectory_choice_logprob(model, trajectory, rows, o["similarity_temperature"], o["similarity_layer"])
+              if o["choice_in_loss"] else None)
+    terms = chunked_reinforce_loss(hidden[:, :M], head, reference, tokens[:, positions[:M]], rewards, o["beta"],
+                                   o["query_temperature"], choice)
+    if o["value_nll_weight"]:
+        terms.value_nll = value_nll(head(hidden[:, M:]), tokens[:, positions[M:]]).mean()
+        terms.loss = terms.loss + o["value_nll_weight"] * terms.value_nll
+    return terms
 
 
 @dataclass
@@ -151,10 +180,15 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory
     rewards_all = (trajectory.avg_reward if rewards is None else rewards).clone().float().to(tokens_all.device)
     assert rewards_all.shape == (mine.total,), rewards_all.shape
     rewards_all = rewards_all[mine.start:mine.stop]
-    positions = trajectory.query_positions.to(tokens_all.device)
+    positions = trajectory.query_positions
     M = positions.numel()
     if value_nll_weight:  # the same teacher-forced pass also predicts the values
-        positions = torch.cat([positions, trajectory.value_positions.to(tokens_all.device)])
+        positions = torch.cat([positions, trajectory.value_positions])
+    end = read_length(positions)  # read on the host, before the positions move to the device
+    positions = positions.to(tokens_all.device)
+    options = dict(beta=beta, query_temperature=query_temperature, kl_reference=kl_reference,
+                   value_nll_weight=value_nll_weight, choice_in_loss=choice_in_loss,
+                   similarity_temperature=similarity_temperature, similarity_layer=similarity_layer)
     previous = None if trajectory.query_logits is not None else [p.detach().clone() for p in params]
     sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "value_nll": 0.0}  # weighted by trajectories
     micro_kl, norms, skipped = [], [], 0
@@ -165,17 +199,8 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory
         held = step_rows[(step_rows >= mine.start) & (step_rows < mine.stop)] - mine.start  # this rank's rows
         for mb in held.split(training_batch_size) if held.numel() else ():
             mb = mb.to(tokens_all.device)
-            tokens, rewards_mb = tokens_all[mb], rewards_all[mb]
-            reference = _reference_logits(model, trajectory, mb, tokens, positions[:M], params, previous, kl_reference)
-            model.train()
-            logits = query_logits(model, tokens, positions)
-            choice = (trajectory_choice_logprob(model, trajectory, mb, similarity_temperature, similarity_layer)
-                      if choice_in_loss else None)
-            terms = reinforce_loss(logits[:, :M], reference, tokens[:, positions[:M]], rewards_mb, beta,
-                                   query_temperature, choice)
-            if value_nll_weight:
-                terms.value_nll = value_nll(logits[:, M:], tokens[:, positions[M:]]).mean()
-                terms.loss = terms.loss + value_nll_weight * terms.value_nll
+            terms = micro_batch_terms(model, trajectory, mb, tokens_all[mb], positions, end, M, rewards_all[mb],
+                                      options, params, previous)
             (terms.loss * (len(mb) / len(step_rows))).backward()  # the step's mean over its trajectories
             for k in sums:
                 term = getattr(terms, k)
@@ -258,16 +283,30 @@ def choice_target_step(model: nn.Module, optimizer: torch.optim.Optimizer, traje
     return ChoiceStepResult(first[0], first[1], skipped, kl_sum / total)
 
 
-def _reference_logits(model: nn.Module, trajectory: Trajectory, rows: torch.Tensor, tokens: torch.Tensor,
-                      positions: torch.Tensor, params: list[nn.Parameter], previous: list[torch.Tensor] | None,
-                      kl_reference: str) -> torch.Tensor:
-    """[n, M, V]: the KL's reference at the query positions: the previous policy (SPEC's) or the base model."""
+def _reference(model: nn.Module, trajectory: Trajectory, rows: torch.Tensor, tokens: torch.Tensor,
+               positions: torch.Tensor, end: int, params: list[nn.Parameter], previous: list[torch.Tensor] | None,
+               kl_reference: str) -> Callable[[int, int], torch.Tensor]:
+    """The KL's reference at the query positions, as `loss.chunked_reinforce_loss` reads it: a - b -> its logits
+    [n, b - a, V] at query positions a..b-1 (computed when asked, so only a chunk of them exists at a time). The
+    previous policy (SPEC's: the rollout's kept logits, one chunk of this micro-batch's rows copied at a time) or
+    the base model (its hidden states at the positions kept, [n, M, H], and the head applied per chunk)."""
     if kl_reference == "previous":
-        return previous_policy_logits(model, trajectory, rows, tokens, positions, params, previous)
+        if trajectory.query_logits is not None:
+            kept, index = trajectory.query_logits, rows.to(trajectory.query_logits.device)
+            return lambda a, b: kept[:, a:b].index_select(0, index)
+        logits = previous_policy_logits(model, trajectory, rows, tokens, positions, params, previous)
+        return lambda a, b: logits[:, a:b]
     if kl_reference == "base":
         with torch.no_grad(), base_model(model):
             model.eval()
-            return query_logits(model, tokens, positions)
+            hidden = forward_hidden(model, tokens[:, :end], None, positions - 1)
+        head = model.get_output_embeddings()
+
+        def base_logits(a: int, b: int) -> torch.Tensor:
+            with torch.no_grad(), base_model(model):  # the head too, should the adapter wrap it
+                return head(hidden[:, a:b])
+
+        return base_logits
     raise ValueError(f"kl_reference {kl_reference!r} is unknown: use previous or base")
 
 

@@ -1,0 +1,123 @@
+"""The memory plan against the code (`memtrace` on the `meta` device), its command, and the cuts it rests on: the
+loss and the scoring computed in chunks of the vocabulary-sized tensors, gradient checkpointing, with the same
+numbers as the whole tensors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnrl_core.__main__ import main
+from attnrl_core.config import TrainConfig
+from attnrl_core.decoding import head_logprobs, token_logprobs
+from attnrl_core.loss import chunked_reinforce_loss, reinforce_loss
+from attnrl_core.memory import PRESET_SHAPES, SequenceShape, choose_sizes, plan
+from attnrl_core.memtrace import trace
+from attnrl_core.model import adapter_parameters, attach_adapter, head_geometry, set_gradient_checkpointing
+from attnrl_core.rollout import rollout
+from attnrl_core.training import make_optimizer, update_policy
+
+from .conftest import SEP, make_batch, randomize_adapter, tiny_config, tiny_llama
+
+SPEC_3B = PRESET_SHAPES["llama-3.2-3b"]
+
+
+@pytest.mark.parametrize("layers,overrides,rows,micro,oracle", [
+    (1, {}, 64, 16, False),                                   # SPEC's sizes, gradient checkpointing (the preset's)
+    (2, {}, 64, 16, False),
+    (2, {"gradient_checkpointing": 0}, 32, 8, False),         # every layer's activations kept
+    (2, {"choice_target_weight": 1.0}, 16, 4, True),          # the oracle's copies of the cache
+])
+def test_plan_is_within_ten_percent_of_the_code_on_meta(layers, overrides, rows, micro, oracle):
+    cfg = TrainConfig.from_preset("llama-3.2-3b", generation_batch_size=rows, training_batch_size=micro, **overrides)
+    shape = dataclasses.replace(SPEC_3B, layers=layers)
+    seq = SequenceShape.of(cfg)
+    measured = trace(cfg, shape, seq, layers, rows, micro, oracle=oracle)
+    p = plan(cfg, shape, seq, rows, micro, oracle=oracle)
+    # the optimizer is not on `meta`; the rotary embedding's small buffers are not in the plan
+    assert p.static - p.terms["optimizer"] == pytest.approx(measured.static_bytes, abs=2**16)
+    for phase in ("rollout", "update"):
+        planned, traced = getattr(p, phase), getattr(measured, f"{phase}_bytes")
+        assert abs(planned - traced) <= 0.1 * traced, (phase, planned / 1e9, traced / 1e9)
+
+
+def test_spec_run_fits_16gb_by_the_plan_and_the_extrapolated_trace(capsys):
+    assert main(["memory", "--preset", "llama-3.2-3b", "--gpu_memory", "16GB", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["chosen"]["rollout_chunk"], report["chosen"]["micro_batch"]) == (64, 16)  # SPEC's sizes
+    assert report["plan"]["peak"] <= 15e9 and report["evaluate_peak"] <= 15e9
+    assert set(report["other_cards"]) == {"24GB", "80GB"}
+    # the trace at 1 and 2 layers, its per-layer terms extrapolated to 28, agrees
+    cfg = TrainConfig.from_preset("llama-3.2-3b")
+    seq = SequenceShape.of(cfg)
+    one, two = (trace(cfg, dataclasses.replace(SPEC_3B, layers=k), seq, k, 64, 16) for k in (1, 2))
+    static = plan(cfg, SPEC_3B).static  # the weights, counted exactly (the test above)
+    for phase in ("rollout_bytes", "update_bytes"):
+        at_28 = getattr(one, phase) + 27 * (getattr(two, phase) - getattr(one, phase))
+        assert static + at_28 <= 15e9, (phase, (static + at_28) / 1e9)
+
+
+def test_choose_sizes_halves_until_a_phase_fits():
+    cfg = TrainConfig.from_preset("llama-3.2-3b", gradient_checkpointing=0)
+    chunk, micro, p = choose_sizes(cfg, SPEC_3B, 16 * 10**9)
+    assert chunk == 64 and micro < 16 and p.peak <= 16e9 * 0.9  # without checkpointing the update must shrink
+    assert plan(cfg, SPEC_3B, micro_batch=micro * 2).peak > 16e9 * 0.9
+    assert choose_sizes(cfg, SPEC_3B, 10**9)[:2] == (1, 1)  # nothing fits: the fallbacks have the last word
+    assert main(["memory", "--preset", "embedded", "--gpu_memory", "a lot"]) == 2
+
+
+def test_chunked_loss_equals_the_whole_one_and_its_gradient():
+    torch.manual_seed(0)
+    n, M, H, V = 3, 10, 8, 50
+    head = nn.Linear(H, V, bias=False)
+    hidden = torch.randn(n, M, H, requires_grad=True)
+    previous = torch.randn(n, M, V)
+    tokens, rewards, choice = torch.randint(V, (n, M)), torch.randn(n), torch.randn(n)
+    whole = reinforce_loss(head(hidden), previous, tokens, rewards, 0.1, 2.0, choice)
+    (g_whole,) = torch.autograd.grad(whole.loss, hidden)
+    chunked = chunked_reinforce_loss(hidden, head, lambda a, b: previous[:, a:b], tokens, rewards, 0.1, 2.0, choice,
+                                     max_bytes=3 * n * V * 4)  # chunks of 3 positions: 3, 3, 3, 1
+    (g_chunked,) = torch.autograd.grad(chunked.loss, hidden)
+    for name in ("loss", "policy_loss", "kl"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(whole, name), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_chunked, g_whole, rtol=1e-5, atol=1e-7)
+
+
+def test_scoring_in_row_chunks_equals_the_whole_logits():
+    torch.manual_seed(0)
+    head = nn.Linear(8, 50, bias=False)
+    hidden, tokens = torch.randn(7, 5, 8), torch.randint(50, (7, 5))
+    whole = token_logprobs(head(hidden), tokens)
+    torch.testing.assert_close(head_logprobs(head, hidden, tokens, max_bytes=2 * 5 * 50 * 4), whole)  # 2 rows a chunk
+    torch.testing.assert_close(whole, F.log_softmax(head(hidden), -1).gather(-1, tokens[..., None])[..., 0])
+
+
+def test_gradient_checkpointing_gives_the_same_update():
+    """The same losses and adapter with and without recomputation, LoRA dropout on (its masks are replayed)."""
+    cfg = tiny_config(lora_dropout=0.2)
+    results = []
+    for on in (False, True):
+        model = attach_adapter(tiny_llama(), cfg)
+        randomize_adapter(model)
+        set_gradient_checkpointing(model, on)
+        batch = make_batch(model, cfg)
+        torch.manual_seed(0)
+        traj = rollout(model, batch, SEP, head_geometry(model), tokens_per_query=cfg.tokens_per_query)
+        torch.manual_seed(1)
+        upd = update_policy(model, make_optimizer(model, cfg), traj, torch.ones(batch.batch_size, dtype=torch.bool),
+                            training_batch_size=2)
+        results.append((upd.loss, upd.kl, [p.detach().clone() for p in adapter_parameters(model)]))
+    (loss0, kl0, a0), (loss1, kl1, a1) = results
+    assert loss1 == pytest.approx(loss0, rel=1e-5, abs=1e-6) and kl1 == pytest.approx(kl0, rel=1e-5, abs=1e-7)
+    for x, y in zip(a0, a1):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_presets_gradient_checkpointing():
+    assert TrainConfig.from_preset("llama-3.2-3b").gradient_checkpointing == 1  # what the plan needs for 16 GB
+    assert TrainConfig.from_preset("embedded").gradient_checkpointing == 0  # CPU memory is ample there
