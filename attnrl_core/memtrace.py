@@ -131,8 +131,8 @@ class Trace:
 
 def trace(cfg: TrainConfig, shape: ModelShape, seq: SequenceShape, layers: int, rollout_rows: int,
           micro_batch: int, oracle: bool = False, keep_query_logits: bool = True) -> Trace:
-    """The live-byte peaks of a rollout of `rollout_rows` and one update micro-batch of `micro_batch` on a
-    `layers`-layer model of `shape` on `meta`."""
+    """The live-byte peaks of a rollout of `rollout_rows` and one update micro-batch of `micro_batch` (0: none) on
+    a `layers`-layer model of `shape` on `meta`."""
     model = meta_model(shape, cfg, layers)
     weights = [*model.parameters(), *model.buffers()]
     static = sum(t.untyped_storage().nbytes() for t in weights)
@@ -142,6 +142,8 @@ def trace(cfg: TrainConfig, shape: ModelShape, seq: SequenceShape, layers: int, 
         traj = rollout(model, batch, sep, geo, tokens_per_query=cfg.tokens_per_query, oracle=oracle,
                        keep_query_logits=keep_query_logits, similarity_layer=cfg.similarity_layer)
         rollout_peak = live.peak
+        if not micro_batch:  # a rollout that does not train (evaluation)
+            return Trace(static, rollout_peak, 0)
         live.reset_peak()
         rows = torch.arange(micro_batch)
         positions = traj.query_positions
