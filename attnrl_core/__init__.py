@@ -14,6 +14,7 @@ Modules, lowest first (each imports only modules above it):
   model       base model + LoRA adapter, head geometry, adapter on/off
   embeddings  query/key embeddings, the GQA-aware similarity, the choice's log-prob
   decoding    the preallocated KV cache, sampling, scoring a continuation
+  memory      the memory plan: each term of a run's memory from its config and model shape; sizes that fit
   trajectory  a batch of trajectories as [B, P] tensors and its derived views
   rollout     batched trajectories (policy and base model in one batch) and rewards
   accounting  tokens and FLOPs of a rollout and an update, from shapes
@@ -21,6 +22,7 @@ Modules, lowest first (each imports only modules above it):
   filtering   running reward statistics and the selection threshold (pure)
   loss        REINFORCE + KL loss, reward baselines, value NLL (pure)
   training    the update phase and its optimizer
+  memtrace    the plan's check: the real rollout and update micro-batch on `meta`, live bytes counted
   resilience  out-of-memory fallbacks around rollout and update
   checkpoint  atomic, hashed checkpoints
   rundir      the run directory's format: metrics, trajectory records, reading a run
