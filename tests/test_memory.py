@@ -16,10 +16,11 @@ from attnrl_core.__main__ import main
 from attnrl_core.config import TrainConfig
 from attnrl_core.decoding import head_logprobs, token_logprobs
 from attnrl_core.loss import chunked_reinforce_loss, reinforce_loss
-from attnrl_core.memory import PRESET_SHAPES, SequenceShape, choose_sizes, plan
+from attnrl_core.memory import PRESET_SHAPES, ModelShape, SequenceShape, choose_sizes, plan
 from attnrl_core.memtrace import trace
 from attnrl_core.model import adapter_parameters, attach_adapter, head_geometry, set_gradient_checkpointing
 from attnrl_core.rollout import rollout
+from attnrl_core.run import planned_sizes
 from attnrl_core.training import make_optimizer, update_policy
 
 from .conftest import SEP, make_batch, randomize_adapter, tiny_config, tiny_llama
@@ -121,3 +122,16 @@ def test_gradient_checkpointing_gives_the_same_update():
 def test_presets_gradient_checkpointing():
     assert TrainConfig.from_preset("llama-3.2-3b").gradient_checkpointing == 1  # what the plan needs for 16 GB
     assert TrainConfig.from_preset("embedded").gradient_checkpointing == 0  # CPU memory is ample there
+
+
+def test_train_takes_its_sizes_from_the_plan(policy):
+    """What `train` does on CUDA before the first episode (here with the memory given, not asked of a GPU): the
+    plan's sizes, accumulation raised so that an optimizer step covers as many trajectories as configured."""
+    cfg = tiny_config(generation_batch_size=8, training_batch_size=4, gradient_accumulation_steps=2)
+    roomy = planned_sizes(cfg, policy, SEP, 10**12)
+    assert (roomy.rollout_chunk, roomy.micro_batch, roomy.accumulation) == (8, 4, 2)
+    shape = ModelShape.from_config(policy.config, torch.float32)
+    seq = SequenceShape.of(cfg, 1, 2, 3)
+    tight = plan(cfg, shape, seq, 8, 2)
+    sizes = planned_sizes(cfg, policy, SEP, int((tight.static + max(tight.rollout, tight.update)) / 0.9) + 1)
+    assert (sizes.rollout_chunk, sizes.micro_batch, sizes.accumulation) == (8, 2, 4)
