@@ -3,8 +3,8 @@ shape alone (no model, no GPU), and the largest rollout chunk and update micro-b
 
 Each term is counted from the tensors the code allocates (`memtrace` runs that code on the `meta` device and a
 test holds this plan to it):
-- static: the weights; `model.Float32Head`'s float32 copy of the LM head (reduced precision only); the LoRA
-  adapter (float32, peft's default), its gradients and 8-bit Adam's two moments (the optimizer);
+- static: the weights (`model.Float32Head` reads the head's own in a GEMM with float32 output on a GPU: no
+  float32 copy); the LoRA adapter (float32, peft's default) and 8-bit Adam's two moments (the optimizer);
 - rollout of R rows (2R through every forward pass: policy and base model): the KV cache, allocated once for the
   final length; the policy's kept float32 sampling logits [R, P*Tq, V] (training only); the largest transient of a
   step (a decode step's logits and sampling, or the value scoring pass: key/value heads repeated for a masked
@@ -154,7 +154,6 @@ def plan(cfg: TrainConfig, shape: ModelShape, seq: SequenceShape | None = None, 
     Tv, M = cfg.tokens_per_value, lengths["queries"]
     t = {
         "weights": shape.parameters() * b,
-        "float32_head": V * H * 4 if b < 4 else 0,
         "adapter": adapter * 4,
         "optimizer": adapter * 2,  # 8-bit Adam: two one-byte moments per parameter (block statistics aside)
     }
@@ -184,7 +183,7 @@ def plan(cfg: TrainConfig, shape: ModelShape, seq: SequenceShape | None = None, 
     loss_chunk = chunk_length(n * V * 4, M) * n * V * 4
     t["loss_buffers"] = 7 * loss_chunk  # logits, reference, two log-softmaxes, the KL's terms (`memtrace` counts)
     t["gradients"] = adapter * 4
-    batch_kept = cfg.generation_batch_size * M * V * 4 if keep_query_logits else 0
+    t["batch_kept_logits"] = batch_kept = cfg.generation_batch_size * M * V * 4 if keep_query_logits else 0
     if cfg.gradient_checkpointing:
         # each layer's input kept; the loss's chunks run before the backward pass recomputes one layer at a time
         t["activations"] = n * read * layers * H * b
@@ -192,7 +191,7 @@ def plan(cfg: TrainConfig, shape: ModelShape, seq: SequenceShape | None = None, 
     else:  # every layer's saved tensors, alive when the loss's chunks run
         t["activations"] = n * read * layers * per_token
         working = t["loss_buffers"]
-    static = t["weights"] + t["float32_head"] + t["adapter"] + t["optimizer"]
+    static = t["weights"] + t["adapter"] + t["optimizer"]
     rollout = t["kv_cache"] + t["kept_logits"] + max(t["rollout_transient"], t["oracle"])
     update = batch_kept + t["activations"] + working + t["gradients"]
     return Plan(R, n, t, static, rollout, update)
@@ -235,14 +234,14 @@ def parse_bytes(text: str) -> int:
 def format_plan(p: Plan, free_bytes: int | None = None, title: str = "") -> str:
     """The plan as a table: each term, each phase's peak, in GB."""
     t = p.terms
-    rows = [("static", p.static, "weights %.2f, float32 head %.2f, adapter %.3f, optimizer %.3f" % tuple(
-        t[k] / GB for k in ("weights", "float32_head", "adapter", "optimizer"))),
+    rows = [("static", p.static, "weights %.2f, adapter %.3f, optimizer %.3f" % tuple(
+        t[k] / GB for k in ("weights", "adapter", "optimizer"))),
             (f"rollout, {p.rollout_rows} rows", p.static + p.rollout,
              "KV cache %.2f, kept logits %.2f, step transient %.2f, oracle %.2f" % tuple(
                  t[k] / GB for k in ("kv_cache", "kept_logits", "rollout_transient", "oracle"))),
             (f"update, micro-batch {p.micro_batch}", p.static + p.update,
-             "activations %.2f, loss buffers %.2f, the batch's kept logits, gradients %.3f" % tuple(
-                 t[k] / GB for k in ("activations", "loss_buffers", "gradients")))]
+             "activations %.2f, loss buffers %.2f, the batch's kept logits %.2f, gradients %.3f" % tuple(
+                 t[k] / GB for k in ("activations", "loss_buffers", "batch_kept_logits", "gradients")))]
     lines = [title] if title else []
     lines += ["| phase | peak (GB) | terms (GB) |", "|---|---|---|"]
     lines += [f"| {name} | {total / GB:.2f} | {what} |" for name, total, what in rows]

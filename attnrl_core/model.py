@@ -87,25 +87,58 @@ def load_base_model(cfg: TrainConfig, device: torch.device | None = None) -> nn.
     return float32_head(model.to(device)).eval()
 
 
+def float32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [m, k] @ b [k, n] of reduced-precision matrices with float32 output and accumulation. On CUDA (and
+    `meta`) `torch.mm`'s `out_dtype`, reading a and b as they are; the CPU has no such kernel, so there the
+    operands are upcast first (exact: bf16 values are float32 values)."""
+    if a.device.type == "cpu":
+        return a.float() @ b.float()
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+class _Float32Logits(torch.autograd.Function):
+    """hidden [..., H] @ weight [V, H]^T with float32 logits; the gradient reaches `hidden` in its own dtype (as a
+    reduced-precision head's would), never the frozen weight. `torch.mm`'s `out_dtype` has no derivative."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.hidden_dtype = hidden.dtype
+        out = float32_matmul(hidden.reshape(-1, hidden.shape[-1]), weight.t())
+        return out.view(*hidden.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(weight.dtype) @ weight
+        return g.view(*grad.shape[:-1], weight.shape[1]).to(ctx.hidden_dtype), None
+
+
 class Float32Head(nn.Module):
-    """The LM head computed in float32 from a (bf16 or fp16) hidden state: `F.linear(h.float(), W32)`.
+    """The LM head computed with float32 logits from a (bf16 or fp16) hidden state and weight.
 
     Rewards are differences of mean value log-probs of the order of 1e-2, and so are the KL and
     REINFORCE terms; logits rounded to bf16 (a spacing of 0.125 above 16) would add noise of that size
-    before any float32 log-softmax. W32 is the head's own weight upcast once (exact: bf16 values are
-    float32 values), so the logits are those of the bf16 model without the final rounding. Costs 4 V H
-    bytes of memory and a float32 matmul over the positions where logits are computed.
+    before any float32 log-softmax. On CUDA the head's own weight is read in its dtype by a GEMM with float32
+    output (`float32_matmul`): the products of bf16 values are exact in float32, so the logits are those of an
+    exact float32 head but for the order of summation, with no float32 copy of the weight (4 V H bytes: 1.6 GB
+    at Llama-3.2-3B). On the CPU, which has no such GEMM and where reduced precision only serves tests, the
+    weight is upcast once into a buffer (`weight_fp32`) and `F.linear(h.float(), W32)` runs as before.
     """
 
     def __init__(self, head: nn.Linear):
         super().__init__()
         assert head.bias is None, "Llama-family heads have no bias"
-        # a buffer of its own name: re-tying the embeddings (`tie_weights`) cannot swap it back to bf16
-        self.register_buffer("weight_fp32", head.weight.detach().float().clone(), persistent=False)
         self.out_features = head.out_features
+        on_cpu = head.weight.device.type == "cpu"
+        # a buffer of its own name: re-tying the embeddings (`tie_weights`) cannot swap it back to bf16
+        self.register_buffer("weight_fp32", head.weight.detach().float().clone() if on_cpu else None, persistent=False)
+        self.weight = None if on_cpu else head.weight  # the head's (often the tied embeddings') own, frozen
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden.float(), self.weight_fp32)
+        if self.weight_fp32 is not None:
+            return F.linear(hidden.float(), self.weight_fp32)
+        return _Float32Logits.apply(hidden, self.weight)
 
 
 def float32_head(model: nn.Module) -> nn.Module:

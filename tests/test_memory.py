@@ -18,7 +18,8 @@ from attnrl_core.decoding import head_logprobs, token_logprobs
 from attnrl_core.loss import chunked_reinforce_loss, reinforce_loss
 from attnrl_core.memory import PRESET_SHAPES, ModelShape, SequenceShape, choose_sizes, plan
 from attnrl_core.memtrace import trace
-from attnrl_core.model import adapter_parameters, attach_adapter, head_geometry, set_gradient_checkpointing
+from attnrl_core.model import (Float32Head, _Float32Logits, adapter_parameters, attach_adapter, head_geometry,
+                               set_gradient_checkpointing)
 from attnrl_core.rollout import rollout
 from attnrl_core.run import planned_sizes
 from attnrl_core.training import make_optimizer, update_policy
@@ -135,3 +136,24 @@ def test_train_takes_its_sizes_from_the_plan(policy):
     tight = plan(cfg, shape, seq, 8, 2)
     sizes = planned_sizes(cfg, policy, SEP, int((tight.static + max(tight.rollout, tight.update)) / 0.9) + 1)
     assert (sizes.rollout_chunk, sizes.micro_batch, sizes.accumulation) == (8, 2, 4)
+
+
+def test_float32_head_without_a_float32_copy_off_the_cpu():
+    """Off the CPU (here `meta`, as on CUDA) the head keeps no float32 copy of its weight and reads the bf16 one in
+    a GEMM with float32 output; its function gives the float32 head's logits (the CPU's upcast, exact) and a
+    gradient to the hidden state within bf16 rounding of the float32 one."""
+    meta = Float32Head(nn.Linear(16, 40, bias=False, device="meta", dtype=torch.bfloat16))
+    assert meta.weight_fp32 is None and [n for n, _ in meta.named_parameters()] == ["weight"]
+    x = torch.empty(3, 5, 16, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    y = meta(x)
+    y.sum().backward()
+    assert y.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 40, bias=False).to(torch.bfloat16)
+    h = torch.randn(3, 5, 16, dtype=torch.bfloat16, requires_grad=True)
+    logits = _Float32Logits.apply(h, lin.weight.detach())
+    torch.testing.assert_close(logits, Float32Head(lin)(h), rtol=0, atol=0)
+    g = torch.randn_like(logits)
+    (got,) = torch.autograd.grad(logits, h, g)
+    exact = g @ lin.weight.detach().float()
+    torch.testing.assert_close(got.float(), exact, rtol=2e-2, atol=2e-2 * exact.abs().max().item())
