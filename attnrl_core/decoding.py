@@ -4,7 +4,8 @@ The rollout's forward passes all go through here: a cache allocated once for the
 written in place (`BufferedCache`, whose row views let some rows roll back and read other tokens),
 sampling a fixed number of tokens with no early stop, and the log-probs of a continuation read in
 one pass, with logits computed only at the positions that need them.
-Imports attnrl_core.distributed (which rows of a global batch a rollout holds) only.
+Imports attnrl_core.distributed (which rows of a global batch a rollout holds) and attnrl_core.model (the
+adapter per row) only.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .distributed import Rows, global_draw
+from .model import row_adapter
 
 
 class _BufferLayer(DynamicLayer):
@@ -88,28 +90,30 @@ class BufferedCache(DynamicCache):
 
 
 def forward_logits(model: nn.Module, ids: torch.Tensor, cache: DynamicCache, logits_to_keep: int | torch.Tensor,
-                   adapter_names: list[str] | None = None) -> torch.Tensor:
-    extra = {} if adapter_names is None else {"adapter_names": adapter_names}
+                   adapter_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's logits [B, K, V] at the last `logits_to_keep` positions (or those given) of `ids` [B, S] read
+    into `cache`; `adapter_rows` [B]: which rows the adapter applies to (`model.row_adapter`)."""
     S = ids.shape[1]
     if isinstance(logits_to_keep, int) and 0 < logits_to_keep < S:
         # the last positions by index, not by slice: a slice of [B, S, H] is strided, and the LM head then runs
         # as a batched matmul over B copies of its weight (much slower on the CPU; BENCHMARKS.md)
         logits_to_keep = torch.arange(S - logits_to_keep, S, device=ids.device)
-    return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep, **extra).logits
+    with row_adapter(model, adapter_rows):
+        return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep).logits
 
 
 def forward_hidden(model: nn.Module, ids: torch.Tensor, cache: DynamicCache | None, positions: torch.Tensor,
-                   adapter_names: list[str] | None = None) -> torch.Tensor:
+                   adapter_rows: torch.Tensor | None = None) -> torch.Tensor:
     """The last hidden states [B, K, H] at `positions` [K] of `ids` [B, S] (what the LM head would read there), by
-    the model's own forward pass (adapters, mixed-adapter batches and all) with its head swapped out for the
+    the model's own forward pass (adapters, the adapter per row and all) with its head swapped out for the
     call: the caller applies the head in pieces (`head_logprobs`, `loss.reinforce_loss`'s chunks) instead of
     holding [B, K, V] logits."""
-    extra = {} if adapter_names is None else {"adapter_names": adapter_names}
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = inner.get_output_embeddings()
     inner.set_output_embeddings(nn.Identity())
     try:
-        return model(input_ids=ids, cache=cache, use_cache=cache is not None, logits_to_keep=positions, **extra).logits
+        with row_adapter(model, adapter_rows):
+            return model(input_ids=ids, cache=cache, use_cache=cache is not None, logits_to_keep=positions).logits
     finally:
         inner.set_output_embeddings(head)
 
@@ -152,7 +156,7 @@ def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0, generator
 
 
 def sample_tokens(model: nn.Module, cache: DynamicCache, prompt: torch.Tensor, num_tokens: int,
-                  temperature: float, greedy: bool = False, adapter_names: list[str] | None = None,
+                  temperature: float, greedy: bool = False, adapter_rows: torch.Tensor | None = None,
                   keep_logits: int = 0, generator: torch.Generator | None = None,
                   rows: Rows | None = None, logits_out: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -166,7 +170,7 @@ def sample_tokens(model: nn.Module, cache: DynamicCache, prompt: torch.Tensor, n
     context extension are one pass). `rows`: which rows of a global batch the prompt's blocks hold
     (`sample_from_logits`).
     """
-    logits = forward_logits(model, prompt, cache, 1, adapter_names)[:, -1]  # [B, V]
+    logits = forward_logits(model, prompt, cache, 1, adapter_rows)[:, -1]  # [B, V]
     if keep_logits and logits_out is None:
         logits_out = logits.new_empty(keep_logits, num_tokens, logits.shape[-1])
     if keep_logits:
@@ -179,23 +183,23 @@ def sample_tokens(model: nn.Module, cache: DynamicCache, prompt: torch.Tensor, n
         if keep_logits:
             logits_out[:, i].copy_(logits[:keep_logits])
         if i + 1 < num_tokens:
-            logits = forward_logits(model, token, cache, 1, adapter_names)[:, -1]
+            logits = forward_logits(model, token, cache, 1, adapter_rows)[:, -1]
     return torch.cat(out, dim=1), logits_out if keep_logits else None
 
 
 def score_continuation(model: nn.Module, cache: DynamicCache, prefix: torch.Tensor,
-                       target: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
+                       target: torch.Tensor, adapter_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Read prefix [B, S] + target [B, T] into `cache`; return log p(target tokens) [B, T] (float32)."""
-    return score_tail(model, cache, torch.cat([prefix, target], dim=1), target.shape[1], adapter_names)
+    return score_tail(model, cache, torch.cat([prefix, target], dim=1), target.shape[1], adapter_rows)
 
 
 def score_tail(model: nn.Module, cache: DynamicCache, ids: torch.Tensor, T: int,
-               adapter_names: list[str] | None = None) -> torch.Tensor:
+               adapter_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Read ids [B, S] into `cache`; return log p of its last T tokens [B, T] (float32), logits only there."""
     S = ids.shape[1]
     target = ids[:, S - T:]
     predicting = torch.arange(S - T - 1, S - 1, device=ids.device)  # the positions before each target token
-    hidden = forward_hidden(model, ids, cache, predicting, adapter_names)  # [B, T, H]
+    hidden = forward_hidden(model, ids, cache, predicting, adapter_rows)  # [B, T, H]
     return head_logprobs(model.get_output_embeddings(), hidden, target)
 
 

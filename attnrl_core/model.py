@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -180,13 +181,49 @@ def base_model(model: nn.Module):
         yield model
 
 
-def policy_and_base(model: nn.Module, B: int) -> list[str] | None:
-    """PEFT `adapter_names` for one batch of 2B rows: the adapter on the first B (the policy), off
-    (`__base__`, the pre-trained model) on the rest. None for a model without an adapter, where both
-    halves are the same model anyway (as in `base_model`)."""
+def policy_and_base(model: nn.Module, B: int, device: torch.device | None = None) -> torch.Tensor | None:
+    """Which rows of one batch of 2B rows the adapter applies to: [2B] float, 1 on the first B (the policy), 0 on
+    the rest (the pre-trained model), for `row_adapter`. None for a model without an adapter, where both halves
+    are the same model anyway (as in `base_model`)."""
     if not hasattr(model, "disable_adapter"):
         return None
-    return [model.active_adapter] * B + ["__base__"] * B
+    return torch.cat([torch.ones(B, device=device), torch.zeros(B, device=device)])
+
+
+def _lora_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's LoRA-wrapped layers (found once, then kept on the model)."""
+    layers = getattr(model, "_attnrl_lora_layers", None)
+    if layers is None:
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        model._attnrl_lora_layers = layers
+    return layers
+
+
+@contextlib.contextmanager
+def row_adapter(model: nn.Module, rows: torch.Tensor | None):
+    """While inside, the adapter's output is multiplied per row by `rows` [n] (1: the policy, 0: the pre-trained
+    model), so one forward pass serves both halves of a rollout batch.
+
+    peft's own mixed-adapter batch (`adapter_names`) indexes each LoRA layer's input with Python lists of rows
+    (a host-to-device copy per layer on a GPU) and registers a hook per layer on every call. Here each layer's
+    `scaling` (the LoRA factor alpha / r its delta is multiplied by) becomes that factor times a [n, 1, 1] mask on
+    the device for the duration: the delta of a base row is multiplied by 0 (exactly nothing added), a policy
+    row's by the same factor as before. `rows` None: no change."""
+    if rows is None:
+        yield
+        return
+    name = model.active_adapter
+    layers = _lora_layers(model)
+    mask = rows[:, None, None]
+    saved = [layer.scaling[name] for layer in layers]
+    scaled = {factor: mask * factor for factor in set(saved)}
+    try:
+        for layer, factor in zip(layers, saved):
+            layer.scaling[name] = scaled[factor]
+        yield
+    finally:
+        for layer, factor in zip(layers, saved):
+            layer.scaling[name] = factor
 
 
 def set_gradient_checkpointing(model: nn.Module, on: bool) -> None:

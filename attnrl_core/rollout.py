@@ -16,8 +16,8 @@ For a batch of B articles, in lock-step (every row has the same length at every 
   6. r_t = mean log p_policy(value) - mean log p_base(value | counterfactual query).
 
 DESIGN.md §4's two KV caches are the two halves of one: policy and base model share every forward
-pass, 2B rows, the adapter applied to the first B only (PEFT's mixed-adapter batch), so each decode
-step reads the weights once for both. The cache is allocated once for the final length and written
+pass, 2B rows, the adapter applied to the first B only (`model.row_adapter`: its delta times a row mask), so
+each decode step reads the weights once for both. The cache is allocated once for the final length and written
 in place; nothing is re-encoded. The policy's sampling logits are kept: they are the previous
 policy of the update phase.
 Python loops run only over steps and generated tokens; the result is a `trajectory.Trajectory`.
@@ -83,7 +83,7 @@ def choose_pairs(probs: torch.Tensor, available: torch.Tensor, selector: str, gr
 
 
 def score_candidates(model: nn.Module, cache: BufferedCache, last_query_token: torch.Tensor, r_sep: torch.Tensor,
-                     values: torch.Tensor, available: torch.Tensor, both: list[str] | None, left: int
+                     values: torch.Tensor, available: torch.Tensor, both: torch.Tensor | None, left: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """The oracle's view of a step: the reward [B, N] every pair still in the pool would earn, and the policy's
     mean log-prob [B, N] of its value within that reward (NaN for the pairs not left), each value scored after
@@ -102,7 +102,7 @@ def score_candidates(model: nn.Module, cache: BufferedCache, last_query_token: t
     candidates = torch.argsort((~available).to(torch.uint8), dim=1, stable=True)[:, :K]
     target = values[rows[:, None], candidates].reshape(B * K, -1).repeat(2, 1)  # [2BK, Tv]: policy, then base
     prefix = torch.cat([last_query_token, r_sep], dim=1).repeat_interleave(K, dim=0)  # [2BK, 1 + Sr]
-    names = None if both is None else [both[0]] * (B * K) + [both[-1]] * (B * K)
+    names = None if both is None else both.repeat_interleave(K)  # the adapter on the policy's copies only
     scored = score_continuation(model, cache.repeated(K, prefix.shape[1] + target.shape[1]), prefix, target, names)
     reward = calculate_reward(scored[:B * K], scored[B * K:]).view(B, K)
     out = torch.full((2, B, N), float("nan"), device=reward.device)
@@ -142,7 +142,7 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
     context = initial_context(batch, sep, device)  # [B, L0]
     L0 = context.shape[1]
     step_length = q_sep.shape[1] + Tq + r_sep.shape[1] + values.shape[2]
-    both = policy_and_base(model, B)  # rows [0, B): the policy; rows [B, 2B): the base model
+    both = policy_and_base(model, B, device)  # rows [0, B): the policy; rows [B, 2B): the base model
     cache = BufferedCache(model.config, L0 + P * step_length)
     forward_logits(model, context.repeat(2, 1), cache, 1, both)
 
