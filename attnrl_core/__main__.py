@@ -171,6 +171,11 @@ def _cmd_memory(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if cfg.preset not in PRESET_SHAPES:
         raise ValueError(f"--preset {cfg.preset!r} has no model shape: use one of {sorted(PRESET_SHAPES)}")
+    preset = TrainConfig.from_preset(cfg.preset)
+    for name in ("model_name", "dtype"):
+        if getattr(cfg, name) != getattr(preset, name):
+            raise ValueError(f"--{name} is not planned: the memory plan knows the presets' models in their GPU dtype; "
+                             f"drop --{name}")
     print(memory_report(cfg, PRESET_SHAPES[cfg.preset], parse_bytes(args.gpu_memory), args.json))
     return 0
 

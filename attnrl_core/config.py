@@ -61,8 +61,8 @@ class TrainConfig:
     lora_dropout: float = _f(0.05, "LoRA dropout (active in the update phase only)")
     lora_target_modules: str = _f("q_proj,v_proj", "comma-separated module names the adapter wraps")
     gradient_checkpointing: int = _f(1, "1: the update recomputes each decoder layer in its backward pass instead of "
-                                     "keeping its activations (less memory per trajectory, about a third more update "
-                                     "time; the same numbers)")
+                                     "keeping its activations (less memory per trajectory, one more forward pass of "
+                                     "update time; the same numbers)")
     # --- policy and selection ---------------------------------------------------------------
     temperature: float = _f(1.0, "similarity temperature: scores are multiplied by it (larger = sharper)")
     query_temperature: float = _f(1.0, "sampling temperature of query tokens (policy and counterfactual)")

@@ -8,9 +8,6 @@ import shutil
 import socket
 from pathlib import Path
 
-from .config import TrainConfig
-from .memory import GB, PRESET_SHAPES, choose_sizes, plan
-
 MIN_VERSIONS = {"torch": "2.13.0", "transformers": "5.23.0", "peft": "0.21.2", "bitsandbytes": "0.50.2",
                 "datasets": "5.2.0", "safetensors": "0.8.0", "gguf": "0.19.0"}
 
@@ -85,6 +82,10 @@ def run_checks(output_dir: str = "runs") -> list[tuple[str, str, str, str]]:
 def memory_plan_row(gpu_bytes: int | None) -> tuple[str, str, str, str]:
     """The memory plan on this machine (`memory`): on a GPU, the sizes SPEC's run gets in its memory; on a CPU,
     the embedded default's peak against the memory available."""
+    # imported here, like torch above: the doctor must report a missing torch or transformers, not die of it
+    from .config import TrainConfig
+    from .memory import GB, PRESET_SHAPES, choose_sizes, plan
+
     if gpu_bytes is not None:
         cfg = TrainConfig.from_preset("llama-3.2-3b")
         chunk, micro, p = choose_sizes(cfg, PRESET_SHAPES["llama-3.2-3b"], gpu_bytes)
@@ -94,7 +95,10 @@ def memory_plan_row(gpu_bytes: int | None) -> tuple[str, str, str, str]:
                 "" if full else "runs with smaller chunks (same numbers, slower): `python -m attnrl_core memory`")
     cfg = TrainConfig.from_preset("embedded")
     p = plan(cfg, PRESET_SHAPES["embedded"])
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # not on every platform (macOS)
+        return ("memory plan (embedded)", "OK", f"peak {p.peak / GB:.2f} GB (available memory unknown)", "")
     ok = p.peak < available
     return ("memory plan (embedded)", "OK" if ok else "WARN",
             f"peak {p.peak / GB:.2f} GB of {available / GB:.1f} GB available", "" if ok else "close other programs")

@@ -159,14 +159,18 @@ def plan(cfg: TrainConfig, shape: ModelShape, seq: SequenceShape | None = None, 
     }
     # -- rollout
     t["kv_cache"] = 2 * R * lengths["total"] * kv_token
-    t["kept_logits"] = R * M * V * 4 if keep_query_logits else 0
+    # the whole batch's buffer, whatever the chunk: every chunk writes its rows of it (`resilience`)
+    t["kept_logits"] = cfg.generation_batch_size * M * V * 4 if keep_query_logits else 0
     scoring_tokens = 1 + seq.response_separator + Tv
     scoring_logits = chunk_length(Tv * V * 4, 2 * R) * Tv * V * 4  # one row chunk of `decoding.head_logprobs`
     # the largest moment of a step (one at a time): a decode step's logits, softmax and cumulative sum; a masked
     # read at the final length, whose key and value heads transformers repeats (2R rows, one layer at a time);
     # a row chunk of scoring logits and `logsumexp`'s temporary
+    # (with, during a multi-token pass, every layer's [rows, tokens, H] output alive until the pass ends, and in the
+    # layer reading: the embeddings, the normalised input and the attention's query: `memtrace`)
     repeated_kv = 2 * 2 * R * shape.query_heads * lengths["total"] * shape.head_dim * b
-    t["rollout_transient"] = max(3 * 2 * R * V * 4, repeated_kv, 2 * scoring_logits)
+    layer_outputs = (layers + 3) * 2 * R * scoring_tokens * H * b
+    t["rollout_transient"] = max(3 * 2 * R * V * 4, repeated_kv + layer_outputs, 2 * scoring_logits)
     t["oracle"] = 0
     if oracle:  # step s: K = P - s pairs left, each scored on a copy of the 2R rows' cache (`score_candidates`)
         per_step = []
@@ -174,7 +178,10 @@ def plan(cfg: TrainConfig, shape: ModelShape, seq: SequenceShape | None = None, 
             K, length = seq.steps - s, lengths["initial"] + s * lengths["step"] + seq.query_separator + \
                 cfg.tokens_per_query - 1 + scoring_tokens
             rows = 2 * R * K
-            per_step.append(rows * length * kv_token + max(2 * rows * shape.query_heads * length * shape.head_dim * b,
+            copying = rows * length * kv_token // layers  # `repeat_interleave`'s copy of one layer, then written in
+            reading = 2 * rows * shape.query_heads * length * shape.head_dim * b + \
+                (layers + 3) * rows * scoring_tokens * H * b
+            per_step.append(rows * length * kv_token + max(copying, reading,
                                                            2 * chunk_length(Tv * V * 4, rows) * Tv * V * 4))
         t["oracle"] = max(per_step)
     # -- update
@@ -222,13 +229,18 @@ def parse_bytes(text: str) -> int:
     """'16GB' / '16GiB' / '16e9' -> bytes (GB = 1e9, GiB = 2**30)."""
     units = {"gib": 2**30, "gb": 1e9, "mib": 2**20, "mb": 1e6, "": 1}
     s = text.strip().lower()
+    number, scale = s, 1
     for unit in units:
         if unit and s.endswith(unit):
-            return int(float(s[:-len(unit)]) * units[unit])
+            number, scale = s[:-len(unit)], units[unit]
+            break
     try:
-        return int(float(s))
+        value = int(float(number) * scale)
     except ValueError:
-        raise ValueError(f"--gpu_memory {text!r} is not a size: write e.g. 16GB, 24GiB or 80e9") from None
+        value = 0
+    if value <= 0:
+        raise ValueError(f"--gpu_memory {text!r} is not a size: write e.g. 16GB, 24GiB or 80e9")
+    return value
 
 
 def format_plan(p: Plan, free_bytes: int | None = None, title: str = "") -> str:

@@ -6,7 +6,7 @@ What stands in for CUDA on `meta`: scaled-dot-product attention runs as CUDA's f
 mask, memory-efficient with one: output and log-sum-exp saved, no [S, S] score matrix), through transformers'
 own CUDA path (key/value heads repeated where it repeats them). A read of a boolean value (transformers' checks,
 e.g. for packed sequences) answers True; a read of any number fails, so the traced code must make none.
-Imports attnrl_core.config, .data, .memory, .model, .rollout, .trajectory and .training.
+Imports attnrl_core.config, .data, .memory, .model, .resilience and .training.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .config import TrainConfig
 from .data import KeyValueBatch, Separators
 from .memory import ModelShape, SequenceShape
 from .model import attach_adapter, float32_head, gqa_attention, head_geometry, set_gradient_checkpointing
-from .rollout import rollout
+from .resilience import FallbackState, rollout_resilient
 from .training import micro_batch_terms, read_length
 
 
@@ -131,16 +131,19 @@ class Trace:
 
 def trace(cfg: TrainConfig, shape: ModelShape, seq: SequenceShape, layers: int, rollout_rows: int,
           micro_batch: int, oracle: bool = False, keep_query_logits: bool = True) -> Trace:
-    """The live-byte peaks of a rollout of `rollout_rows` and one update micro-batch of `micro_batch` (0: none) on
-    a `layers`-layer model of `shape` on `meta`."""
+    """The live-byte peaks of a rollout of the config's generation batch in chunks of `rollout_rows` (as `train`
+    rolls out) and one update micro-batch of `micro_batch` (0: none) on a `layers`-layer model of `shape` on
+    `meta`."""
     model = meta_model(shape, cfg, layers)
     weights = [*model.parameters(), *model.buffers()]
     static = sum(t.untyped_storage().nbytes() for t in weights)
-    batch, sep = meta_batch(rollout_rows, cfg, shape, seq)
+    batch, sep = meta_batch(cfg.generation_batch_size, cfg, shape, seq)
     geo = head_geometry(model)
+    chunks = FallbackState(rollout_rows, micro_batch, 1)
     with cuda_attention(), LiveBytes(weights) as live:
-        traj = rollout(model, batch, sep, geo, tokens_per_query=cfg.tokens_per_query, oracle=oracle,
-                       keep_query_logits=keep_query_logits, similarity_layer=cfg.similarity_layer)
+        traj = rollout_resilient(model, batch, sep, geo, chunks, str, tokens_per_query=cfg.tokens_per_query,
+                                 oracle=oracle, keep_query_logits=keep_query_logits,
+                                 similarity_layer=cfg.similarity_layer)
         rollout_peak = live.peak
         if not micro_batch:  # a rollout that does not train (evaluation)
             return Trace(static, rollout_peak, 0)

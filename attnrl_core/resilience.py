@@ -69,13 +69,17 @@ def rollout_resilient(model, batch, sep, geo, state: FallbackState, describe_har
     while True:
         chunk = min(state.rollout_chunk, B)
         try:
-            parts = []
+            parts, kept = [], None
+            if chunk < B and kwargs.get("keep_query_logits", True):  # one buffer for every chunk's kept logits
+                kept = torch.empty(B, batch.pool.shape[1] * kwargs["tokens_per_query"],
+                                   model.get_output_embeddings().out_features, device=batch.key_embeddings.device)
             for i in range(0, B, chunk):
                 if i:
                     restore()  # each chunk draws what the whole batch would, from the same state
                 parts.append(rollout(model, batch.rows(i, min(i + chunk, B)), sep, geo,
-                                     global_rows=rows.within(i, min(i + chunk, B)), **kwargs))
-            return parts[0] if len(parts) == 1 else Trajectory.concat(parts, batch)
+                                     global_rows=rows.within(i, min(i + chunk, B)),
+                                     query_logits_out=None if kept is None else kept[i:i + chunk], **kwargs))
+            return parts[0] if len(parts) == 1 else Trajectory.concat(parts, batch, kept)
         except Exception as e:  # noqa: BLE001 - only out-of-memory is handled; anything else propagates
             if not is_out_of_memory(e):
                 raise

@@ -116,7 +116,7 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
             tokens_per_query: int, similarity_temperature: float = 1.0, query_temperature: float = 1.0,
             greedy: bool = False, selector: str = "attention", generator: torch.Generator | None = None,
             oracle: bool = False, similarity_layer: int = -1, global_rows: Rows | None = None,
-            keep_query_logits: bool = True) -> Trajectory:
+            keep_query_logits: bool = True, query_logits_out: torch.Tensor | None = None) -> Trajectory:
     """Generate B trajectories in lock-step; see the module docstring for the steps. `selector` swaps
     the attention selection for a baseline (`choose_pairs`); everything else stays the same. Every
     random draw comes from `generator` when given (on the batch's device), else the global generator.
@@ -125,7 +125,8 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
     which rows of a global batch this batch is (a rank's share or a chunk; `distributed.global_draw`): the
     draws are the global batch's, so a trajectory does not depend on how the batch was split.
     `keep_query_logits` False drops the policy's sampling logits ([B, P*Tq, V], the update's previous
-    policy) from a rollout that will not train (evaluation's methods)."""
+    policy) from a rollout that will not train (evaluation's methods); `query_logits_out` [B, P*Tq, V], when
+    given, is where they are written (a chunk's rows of the whole batch's buffer, `resilience`)."""
     assert global_rows is None or global_rows.size == batch.batch_size, (global_rows, batch.batch_size)
     assert batch.key_embeddings is not None, "run the batch through data.add_embeddings first"
     was_training = model.training
@@ -148,8 +149,11 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
 
     chunks = [context]
     # [B, P*Tq, V] float32 (what the update reads): every step's sampling logits written in place
-    query_logits = (torch.empty(B, P * Tq, model.get_output_embeddings().out_features, device=device)
-                    if keep_query_logits else None)
+    query_logits = None
+    if keep_query_logits:
+        query_logits = query_logits_out if query_logits_out is not None else \
+            torch.empty(B, P * Tq, model.get_output_embeddings().out_features, device=device)
+        assert query_logits.shape[:2] == (B, P * Tq), (query_logits.shape, B, P * Tq)
     fields = {f: [] for f in ("queries", "counterfactuals", "choices", "choice_probs", "probabilities",
                               "policy_logprob", "base_logprob", "rewards", "base_same_logprob")}
     candidate_rewards, candidate_logprobs = [], []

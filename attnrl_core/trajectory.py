@@ -54,12 +54,16 @@ class Trajectory:
             assert getattr(self, name) is None or getattr(self, name).shape == (B, P, N), (name, getattr(self, name).shape)
 
     @classmethod
-    def concat(cls, parts: list["Trajectory"], batch: KeyValueBatch) -> "Trajectory":
-        """Join trajectories rolled out in row chunks of `batch` (all chunks have the same lengths)."""
+    def concat(cls, parts: list["Trajectory"], batch: KeyValueBatch,
+               query_logits: torch.Tensor | None = None) -> "Trajectory":
+        """Join trajectories rolled out in row chunks of `batch` (all chunks have the same lengths). `query_logits`:
+        the whole batch's buffer the chunks wrote their kept logits into (then not copied again)."""
         first = parts[0]
         tensors = {f: torch.cat([getattr(p, f) for p in parts]) for f in _ROW_FIELDS}
         optional = {f: None if getattr(first, f) is None else torch.cat([getattr(p, f) for p in parts])
-                    for f in ("query_logits", "candidate_rewards", "candidate_logprobs")}
+                    for f in ("candidate_rewards", "candidate_logprobs")}
+        optional["query_logits"] = query_logits if query_logits is not None or first.query_logits is None else \
+            torch.cat([p.query_logits for p in parts])
         return cls(**tensors, initial_length=first.initial_length, step_length=first.step_length,
                    query_offset=first.query_offset, batch=batch, **optional)
 
