@@ -124,7 +124,9 @@ def run_experiment(path: str | Path, out: str | Path | None = None, parallel: in
     """Every (arm, seed) trained and evaluated (skipping what is done), then `summarize`d into OUT/summary.json."""
     spec = load_experiment(path)
     out = experiment_dir(path, out)
-    jobs = [(arm, seed) for arm in spec["arms"] for seed in spec["seeds"]]
+    # Seed by seed, every arm of a seed before the next seed: a cut experiment then leaves whole seeds, which
+    # are what the paired-by-seed comparisons need.
+    jobs = [(arm, seed) for seed in spec["seeds"] for arm in spec["arms"]]
     bar = tqdm(total=len(jobs), desc=f"{Path(path).stem}: runs trained and evaluated")
 
     def one(job):
