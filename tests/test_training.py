@@ -11,7 +11,7 @@ from attnrl_core.filtering import RunningStats, select_trajectories, selection_t
 from attnrl_core.loss import kl_penalty, reinforce_loss
 from attnrl_core.training import load_values, make_optimizer, query_logits, read_length, update_policy
 
-from .conftest import SEP, make_batch, tiny_config
+from .conftest import SEP, logits_tolerance, make_batch, tiny_config
 
 
 # -- filter ---------------------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ def test_rollout_logits_are_the_previous_policy(policy):
     cfg, traj = _trajectory(policy, learning_rate=1e-2)
     with torch.no_grad():
         forced = query_logits(policy, traj.tokens, traj.query_positions)
-    torch.testing.assert_close(traj.query_logits, forced, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(traj.query_logits, forced, **logits_tolerance(torch.float32))
     start = [p.detach().clone() for p in adapter_parameters(policy)]
     selected = torch.tensor([True, False, True, True])
     kept = update_policy(policy, make_optimizer(policy, cfg), traj, selected, training_batch_size=2)
