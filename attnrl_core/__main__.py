@@ -162,7 +162,8 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import main_bench
 
-    return main_bench(args.preset, args.json, args.skip_naive, args.batch_size, args.num_kv_pairs, args.num_threads)
+    return main_bench(args.preset, args.json, args.skip_naive, args.batch_size, args.num_kv_pairs, args.num_threads,
+                      args.compile)
 
 
 def _cmd_memory(args: argparse.Namespace) -> int:
@@ -274,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--skip_naive", action="store_true", help="skip the (slow) naive reference path")
     bench.add_argument("--num_threads", type=int, default=0,
                        help="CPU threads (0: this process's share of the cores among running attnrl processes)")
+    bench.add_argument("--compile", action="store_true",
+                       help="also time the rollout with its decode steps compiled (train's --compile 1), and the compile")
     bench.set_defaults(func=_cmd_bench)
     memory = sub.add_parser("memory", help="the memory plan of a run and the sizes that fit a GPU (no GPU needed)",
                             description="Each term of a run's memory (weights, KV cache, kept logits, activations, "

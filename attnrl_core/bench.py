@@ -33,7 +33,7 @@ from .host import keep_freed_memory, peak_memory_bytes, reset_peak_memory, share
 from .model import (adapter_parameters, attach_adapter, float32_head, gqa_attention, head_geometry, load_policy,
                     load_tokenizer, resolve_device, resolve_dtype)
 from .naive import naive_rollout
-from .rollout import rollout, rollout_options
+from .rollout import decode_step_for, rollout, rollout_options
 from .training import load_values, make_optimizer, read_length, update_options, update_policy
 
 
@@ -129,6 +129,17 @@ def _benchmark(cfg: TrainConfig, preset: str, device: torch.device, skip_naive: 
     result["rollout_trajectories_per_second"] = B / t_cached.seconds
     result["rollout_tokens_per_second"] = tokens_read / t_cached.seconds
     result["rollout_peak_memory_bytes"] = t_cached.peak_bytes
+    if cfg.compile:  # the same rollout with the decode steps compiled: its first run compiles, then steady state
+        decode = decode_step_for(cfg, device)
+        first, t_first = _timed(device, lambda: rollout(model, batch, sep, geo, decode_step=decode, **kwargs),
+                                cfg.num_threads)
+        compiled, t_compiled = _timed(device, lambda: rollout(model, batch, sep, geo, decode_step=decode, **kwargs),
+                                      cfg.num_threads)
+        result["compiled_rollout_seconds"] = t_compiled.seconds
+        result["compile_seconds"] = t_first.seconds - t_compiled.seconds  # what the first rollout paid on top
+        result["compiled_speedup"] = t_cached.seconds / t_compiled.seconds
+        result["compiled_tokens_match"] = bool(torch.equal(compiled.tokens.cpu(), traj.tokens.cpu()))
+        result["compiled_max_reward_difference"] = (compiled.rewards.float() - traj.rewards.float()).abs().max().item()
     if not skip_naive:  # timed after one untimed run too, so the speedup compares steady states
         naive_rollout(model, batch, sep, geo, cfg.tokens_per_query, cfg.temperature)
         (chosen, rewards), t_naive = _timed(device, lambda: naive_rollout(model, batch, sep, geo, cfg.tokens_per_query,
@@ -178,6 +189,11 @@ def format_result(r: dict) -> str:
                                                 f"{r['params'] / 1e6:.0f}M params)"),
             ("cached rollout", f"{r['rollout_trajectories_per_second']:.2f} traj/s, "
                                f"{r['rollout_tokens_per_second']:.0f} tok/s, {r['rollout_seconds']:.1f}s")]
+    if "compiled_rollout_seconds" in r:
+        rows += [("compiled rollout", f"{r['compiled_rollout_seconds']:.1f}s ({r['compiled_speedup']:.2f}x eager; "
+                                      f"compiling {r['compile_seconds']:.1f}s); same tokens: "
+                                      f"{r['compiled_tokens_match']}, max reward diff "
+                                      f"{r['compiled_max_reward_difference']:.2e}")]
     if "naive_seconds" in r:
         rows += [("naive rollout", f"{r['naive_trajectories_per_second']:.2f} traj/s, {r['naive_seconds']:.1f}s"),
                  ("speedup", f"{r['speedup_vs_naive']:.2f}x; same pairs: {r['pairs_match']}, "
@@ -196,8 +212,8 @@ def format_result(r: dict) -> str:
 
 
 def main_bench(preset: str, as_json: bool, skip_naive: bool, batch_size: int | None = None,
-               num_kv_pairs: int | None = None, num_threads: int = 0) -> int:
-    overrides = {"num_threads": num_threads}
+               num_kv_pairs: int | None = None, num_threads: int = 0, compile: bool = False) -> int:
+    overrides = {"num_threads": num_threads, "compile": int(compile)}
     if batch_size is not None:
         overrides.update(generation_batch_size=batch_size,
                          training_batch_size=min(batch_size, PRESETS[preset]["training_batch_size"]))

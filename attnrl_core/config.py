@@ -63,6 +63,9 @@ class TrainConfig:
     gradient_checkpointing: int = _f(1, "1: the update recomputes each decoder layer in its backward pass instead of "
                                      "keeping its activations (less memory per trajectory, one more forward pass of "
                                      "update time; the same numbers)")
+    compile: int = _f(0, "1: the rollout's single-token decode steps run with fixed shapes (the KV cache allocated once "
+                      "per run, the position a tensor) and are compiled once with torch.compile (fullgraph; CUDA "
+                      "graphs on CUDA); the first rollout pays the compile time. 0: plain forward passes")
     # --- policy and selection ---------------------------------------------------------------
     temperature: float = _f(1.0, "similarity temperature: scores are multiplied by it (larger = sharper)")
     query_temperature: float = _f(1.0, "sampling temperature of query tokens (policy and counterfactual)")
@@ -163,6 +166,7 @@ class TrainConfig:
         need(self.choice_target_weight >= 0, "choice_target_weight", ">= 0")
         need(self.choice_target_temperature > 0, "choice_target_temperature", "> 0")
         need(self.kl_reference in ("previous", "base"), "kl_reference", "previous or base")
+        need(self.compile in (0, 1), "compile", "0 or 1")
         need(self.choice_target_reach in ("q_proj", "below"), "choice_target_reach", "q_proj or below")
         need(self.choice_target_score in ("reward", "logprob"), "choice_target_score", "reward or logprob")
         need(self.reward_baseline in ("none", "running_mean", "leave_one_out"), "reward_baseline",

@@ -27,15 +27,24 @@ class _BufferLayer(DynamicLayer):
     `crop` (inherited) shortens the views. `rows` gives a layer over some batch rows of the same buffer.
     """
 
-    def __init__(self, max_length: int):
+    def __init__(self, max_length: int, pool: dict | None = None, index: int = 0):
         super().__init__()
-        self.max_length = max_length
+        self.max_length, self.pool, self.index = max_length, pool, index
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.key_buffer = key_states.new_empty(B, H, self.max_length, D)
-        self.value_buffer = value_states.new_empty(B, value_states.shape[1], self.max_length, value_states.shape[3])
+        shapes = ((B, H, self.max_length, D), (B, value_states.shape[1], self.max_length, value_states.shape[3]))
+        if self.pool is None:
+            self.key_buffer, self.value_buffer = (key_states.new_empty(shape) for shape in shapes)
+        else:  # the run's buffers of this layer and shape, allocated by the first rollout that needed them
+            key = (self.index, shapes, self.dtype, self.device)
+            if key not in self.pool:
+                self.pool[key] = tuple(key_states.new_empty(shape) for shape in shapes)
+                if self.device.type == "cuda":  # a CUDA graph replays reads of these very addresses
+                    for buffer in self.pool[key]:
+                        torch._dynamo.mark_static_address(buffer)
+            self.key_buffer, self.value_buffer = self.pool[key]
         self.keys, self.values = self.key_buffer[:, :, :0], self.value_buffer[:, :, :0]
         self.is_initialized = True
 
@@ -62,6 +71,12 @@ class _BufferLayer(DynamicLayer):
         layer.keys, layer.values = layer.key_buffer[:, :, :length], layer.value_buffer[:, :, :length]
         return layer
 
+    def advance(self, n: int) -> None:
+        """Take in the `n` positions after the current ones, written into the buffer by `static_decode_step`."""
+        end = self.keys.shape[2] + n
+        assert end <= self.max_length, f"cache holds {self.max_length} positions, {end} asked for"
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+
     def rows(self, rows: slice, length: int) -> "_BufferLayer":
         view = _BufferLayer(self.max_length)
         view.dtype, view.device, view.is_initialized = self.dtype, self.device, True
@@ -71,12 +86,20 @@ class _BufferLayer(DynamicLayer):
 
 
 class BufferedCache(DynamicCache):
-    """A `DynamicCache` of `_BufferLayer`s: allocated once for `max_length` positions, written in place."""
+    """A `DynamicCache` of `_BufferLayer`s: allocated once for `max_length` positions, written in place. With
+    `pool` (a dict the caller keeps, `DecodeStep.pool`) the buffers of a shape are allocated once and reused by
+    every later cache of that shape: the compiled decode step sees the same tensors at every episode."""
 
-    def __init__(self, config, max_length: int, layers: list | None = None):
+    def __init__(self, config, max_length: int, layers: list | None = None, pool: dict | None = None):
         if layers is None:
-            layers = [_BufferLayer(max_length) for _ in range(config.get_text_config(decoder=True).num_hidden_layers)]
+            layers = [_BufferLayer(max_length, pool, i)
+                      for i in range(config.get_text_config(decoder=True).num_hidden_layers)]
         Cache.__init__(self, layers=layers)
+
+    def advance(self, n: int) -> None:
+        """Take in `n` more positions that `static_decode_step` wrote past the current ones (bookkeeping only)."""
+        for layer in self.layers:
+            layer.advance(n)
 
     def rows(self, rows: slice, length: int) -> "BufferedCache":
         """A cache over `rows` of this one's buffers holding its first `length` positions; writes land here too."""
@@ -87,6 +110,63 @@ class BufferedCache(DynamicCache):
         for `extra` more positions: candidate continuations of the same context, without re-encoding it."""
         length = self.get_seq_length()
         return BufferedCache(None, 0, [layer.repeated(times, length, extra) for layer in self.layers])
+
+
+class _StaticStepCache(Cache):
+    """What one decode step sees of a `BufferedCache`: every layer's whole buffer [B, H, max_length, D], the
+    step's keys and values written in place at `position` [1] (a tensor, not a Python int). Every step of a
+    rollout, and every episode's, then has the same shapes and no value read, so it compiles once and a CUDA
+    graph can replay it; the positions past `position` are masked by the caller."""
+
+    is_compileable = True
+
+    def __init__(self, layers: list, position: torch.Tensor):
+        Cache.__init__(self, layers=list(layers))  # what transformers asks of a cache's layers (is_sliding, ...)
+        self.buffers = [(layer.key_buffer, layer.value_buffer) for layer in layers]
+        self.position = position
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = self.buffers[layer_idx]
+        keys.index_copy_(2, self.position, key_states)
+        values.index_copy_(2, self.position, value_states)
+        return keys, values
+
+
+def static_decode_step(model: nn.Module, token: torch.Tensor, layers: list, position: torch.Tensor,
+                       adapter_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The logits [B, V] after reading `token` [B, 1] at `position` [1] into `layers` (a `BufferedCache`'s), attending
+    to the positions up to it through a mask over the whole buffer: one fixed-shape function of tensors, what
+    `--compile` compiles (`decode_step`). The caller moves the layers' views on (`BufferedCache.advance`)."""
+    length = layers[0].key_buffer.shape[2]
+    mask = (torch.arange(length, device=token.device) <= position)[None, None, None, :]  # [1, 1, 1, L]
+    with row_adapter(model, adapter_rows):
+        out = model(input_ids=token, attention_mask=mask, position_ids=position[None], use_cache=True,
+                    cache=_StaticStepCache(layers, position), logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+class DecodeStep:
+    """How the rollout's single-token decode steps run when not as plain forward passes: `static_decode_step`,
+    compiled with `torch.compile` when `compiled` (`--compile`: `fullgraph=True`, and on CUDA
+    `mode="reduce-overhead"`, CUDA graphs), and the pool of cache buffers its rollouts share (`BufferedCache`).
+    One per run: its compiled code and buffers are reused by every episode."""
+
+    def __init__(self, compiled: bool, device: torch.device):
+        self.pool: dict = {}
+        self.compiled = compiled
+        self.step = static_decode_step
+        if compiled:
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            self.step = torch.compile(static_decode_step, fullgraph=True, dynamic=False, mode=mode)
+
+    def cache(self, config, max_length: int) -> BufferedCache:
+        return BufferedCache(config, max_length, pool=self.pool)
+
+    def __call__(self, model: nn.Module, token: torch.Tensor, cache: BufferedCache, position: torch.Tensor,
+                 adapter_rows: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.step(model, token, cache.layers, position, adapter_rows)
+        cache.advance(1)
+        return logits
 
 
 def forward_logits(model: nn.Module, ids: torch.Tensor, cache: DynamicCache, logits_to_keep: int | torch.Tensor,
@@ -158,8 +238,8 @@ def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0, generator
 def sample_tokens(model: nn.Module, cache: DynamicCache, prompt: torch.Tensor, num_tokens: int,
                   temperature: float, greedy: bool = False, adapter_rows: torch.Tensor | None = None,
                   keep_logits: int = 0, generator: torch.Generator | None = None,
-                  rows: Rows | None = None, logits_out: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  rows: Rows | None = None, logits_out: torch.Tensor | None = None,
+                  decode_step: DecodeStep | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Read `prompt` [B, S] into `cache`, then sample exactly `num_tokens` tokens [B, num_tokens].
 
     Returns the tokens and, for the first `keep_logits` rows, the logits each token was drawn from
@@ -168,9 +248,12 @@ def sample_tokens(model: nn.Module, cache: DynamicCache, prompt: torch.Tensor, n
     stay alive through a view, and no stack copies them again. No early stop. The last sampled token is *not*
     read into the cache: the caller's next forward pass starts with it (so the step's value scoring and
     context extension are one pass). `rows`: which rows of a global batch the prompt's blocks hold
-    (`sample_from_logits`).
+    (`sample_from_logits`). `decode_step`: the single-token steps run as `decode_step` (fixed shapes, the
+    position a tensor on the device; compiled with `--compile`) instead of plain forward passes.
     """
     logits = forward_logits(model, prompt, cache, 1, adapter_rows)[:, -1]  # [B, V]
+    if decode_step is not None and num_tokens > 1:
+        position = torch.full((1,), cache.get_seq_length(), dtype=torch.long, device=prompt.device)
     if keep_logits and logits_out is None:
         logits_out = logits.new_empty(keep_logits, num_tokens, logits.shape[-1])
     if keep_logits:
@@ -182,7 +265,10 @@ def sample_tokens(model: nn.Module, cache: DynamicCache, prompt: torch.Tensor, n
         out.append(token)
         if keep_logits:
             logits_out[:, i].copy_(logits[:keep_logits])
-        if i + 1 < num_tokens:
+        if i + 1 < num_tokens and decode_step is not None:
+            logits = decode_step(model, token, cache, position, adapter_rows)
+            position = position + 1
+        elif i + 1 < num_tokens:
             logits = forward_logits(model, token, cache, 1, adapter_rows)[:, -1]
     return torch.cat(out, dim=1), logits_out if keep_logits else None
 

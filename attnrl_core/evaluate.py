@@ -45,7 +45,7 @@ from .embeddings import key_embedding_fn
 from .files import atomic_write_text
 from .host import keep_freed_memory, share_cpu, sharing_cpu
 from .model import adapter_parameters, head_geometry, load_policy, resolve_device
-from .rollout import rollout, rollout_options
+from .rollout import decode_step_for, rollout, rollout_options
 from .trajectory import Trajectory
 from .rundir import load_run
 from .training import swapped_parameters
@@ -78,12 +78,12 @@ def unit_articles(unit_ids: list[str]) -> list[str]:
 
 
 def rollout_method(model, batch: KeyValueBatch, sep, geo, cfg: TrainConfig, method: str, seed: int,
-                   chunk: int, oracle: bool = False, bar=None) -> Trajectory:
+                   chunk: int, oracle: bool = False, bar=None, decode_step=None) -> Trajectory:
     """One method's rollout of every row, in chunks of `chunk` rows, from its own generator seeded `seed`;
     the sampling logits are not kept (nothing trains on them). `bar` (tqdm) advances by the rows done."""
     device = batch.key_embeddings.device
     generator = torch.Generator(device=device).manual_seed(seed)
-    kwargs = dict(**rollout_options(cfg), selector=SELECTOR[method], generator=generator, oracle=oracle,
+    kwargs = dict(**rollout_options(cfg, decode_step), selector=SELECTOR[method], generator=generator, oracle=oracle,
                   keep_query_logits=False)
     B = batch.batch_size
     params = adapter_parameters(model)
@@ -115,10 +115,12 @@ def compare_methods(model, batch: KeyValueBatch, sep, geo, cfg: TrainConfig, see
     trajs, seconds = {}, {}
     bar = tqdm(total=len(methods) * batch.batch_size, desc="evaluating", unit="rollout", disable=not progress,
                file=sys.stderr)
+    decode = decode_step_for(cfg, batch.key_embeddings.device)  # one for every method's rollouts
     for m in methods:
         bar.set_postfix_str(m)
         t0 = time.perf_counter()
-        trajs[m] = rollout_method(model, batch, sep, geo, cfg, m, seed, chunk, oracle=m == "trained", bar=bar)
+        trajs[m] = rollout_method(model, batch, sep, geo, cfg, m, seed, chunk, oracle=m == "trained", bar=bar,
+                                  decode_step=decode)
         seconds[m] = time.perf_counter() - t0
     bar.close()
     summary = {"methods": {m: {"reward": float(t.rewards.float().mean()),

@@ -34,7 +34,7 @@ from transformers import DynamicCache
 from .config import TrainConfig
 from .data import KeyValueBatch, Separators
 from .distributed import Rows, global_draw
-from .decoding import BufferedCache, forward_logits, sample_tokens, score_continuation, score_tail
+from .decoding import BufferedCache, DecodeStep, forward_logits, sample_tokens, score_continuation, score_tail
 from .embeddings import compute_similarity, query_embeddings
 from .model import HeadGeometry, base_model, policy_and_base
 from .trajectory import Trajectory
@@ -116,7 +116,8 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
             tokens_per_query: int, similarity_temperature: float = 1.0, query_temperature: float = 1.0,
             greedy: bool = False, selector: str = "attention", generator: torch.Generator | None = None,
             oracle: bool = False, similarity_layer: int = -1, global_rows: Rows | None = None,
-            keep_query_logits: bool = True, query_logits_out: torch.Tensor | None = None) -> Trajectory:
+            keep_query_logits: bool = True, query_logits_out: torch.Tensor | None = None,
+            decode_step: DecodeStep | None = None) -> Trajectory:
     """Generate B trajectories in lock-step; see the module docstring for the steps. `selector` swaps
     the attention selection for a baseline (`choose_pairs`); everything else stays the same. Every
     random draw comes from `generator` when given (on the batch's device), else the global generator.
@@ -126,7 +127,8 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
     draws are the global batch's, so a trajectory does not depend on how the batch was split.
     `keep_query_logits` False drops the policy's sampling logits ([B, P*Tq, V], the update's previous
     policy) from a rollout that will not train (evaluation's methods); `query_logits_out` [B, P*Tq, V], when
-    given, is where they are written (a chunk's rows of the whole batch's buffer, `resilience`)."""
+    given, is where they are written (a chunk's rows of the whole batch's buffer, `resilience`). `decode_step`
+    (`--compile`): the queries' single-token steps run as its fixed-shape, compiled step, on its cache buffers."""
     assert global_rows is None or global_rows.size == batch.batch_size, (global_rows, batch.batch_size)
     assert batch.key_embeddings is not None, "run the batch through data.add_embeddings first"
     was_training = model.training
@@ -144,7 +146,8 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
     L0 = context.shape[1]
     step_length = q_sep.shape[1] + Tq + r_sep.shape[1] + values.shape[2]
     both = policy_and_base(model, B, device)  # rows [0, B): the policy; rows [B, 2B): the base model
-    cache = BufferedCache(model.config, L0 + P * step_length)
+    cache = BufferedCache(model.config, L0 + P * step_length) if decode_step is None else \
+        decode_step.cache(model.config, L0 + P * step_length)
     forward_logits(model, context.repeat(2, 1), cache, 1, both)
 
     chunks = [context]
@@ -162,7 +165,8 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
         queries, _ = sample_tokens(model, cache, q_sep.repeat(2, 1), Tq, query_temperature, greedy, both,
                                         keep_logits=B if keep_query_logits else 0, generator=generator,
                                         rows=global_rows, logits_out=None if query_logits is None
-                                        else query_logits[:, t * Tq:(t + 1) * Tq])  # [2B, Tq], the policy's [B, Tq, V]
+                                        else query_logits[:, t * Tq:(t + 1) * Tq],
+                                        decode_step=decode_step)  # [2B, Tq], the policy's [B, Tq, V]
         query, cf = queries[:B], queries[B:]
         # 2. the query's embedding scores the keys left in the pool
         probs = compute_similarity(query_embeddings(model, query, similarity_layer), batch.key_embeddings,
@@ -201,10 +205,17 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
                       candidate_logprobs=torch.stack(candidate_logprobs, dim=1) if oracle else None)
 
 
-def rollout_options(cfg: TrainConfig) -> dict:
-    """`rollout`'s keywords from a config (training, evaluation and the bench roll out alike)."""
-    return dict(tokens_per_query=cfg.tokens_per_query, similarity_temperature=cfg.temperature,
-                query_temperature=cfg.query_temperature, similarity_layer=cfg.similarity_layer)
+def rollout_options(cfg: TrainConfig, decode_step: DecodeStep | None = None) -> dict:
+    """`rollout`'s keywords from a config (training, evaluation and the bench roll out alike); `decode_step`:
+    the run's `DecodeStep` (`decode_step_for`), passed on when there is one."""
+    options = dict(tokens_per_query=cfg.tokens_per_query, similarity_temperature=cfg.temperature,
+                   query_temperature=cfg.query_temperature, similarity_layer=cfg.similarity_layer)
+    return options if decode_step is None else {**options, "decode_step": decode_step}
+
+
+def decode_step_for(cfg: TrainConfig, device: torch.device) -> DecodeStep | None:
+    """The `DecodeStep` a run with this config keeps for all its rollouts (`--compile 1`), else None."""
+    return DecodeStep(compiled=True, device=device) if cfg.compile else None
 
 
 @torch.inference_mode()

@@ -33,7 +33,7 @@ from .host import (hardware_state, keep_freed_memory, peak_memory_bytes, reset_p
                    share_cpu, sharing_cpu)
 from .model import head_geometry, load_policy, load_tokenizer, resolve_device
 from .resilience import FallbackState, rollout_resilient, update_resilient
-from .rollout import rollout_options
+from .rollout import decode_step_for, rollout_options
 from .rundir import choice_metrics, episode_metrics, prepare_run_dir, trajectory_records, write_config
 from .tracking import Trackers, parse_report_to
 from .filtering import RunningStats, filter_batch, warmup_episodes, warmup_message
@@ -152,6 +152,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, out: Path, ckpt: Path | None, device:
     trackers = Trackers(parse_report_to(cfg.report_to) if ranks.main else [], out, cfg.to_dict(),
                         resume=ckpt is not None, first_step=start + 1)
     nonfinite_streak, episode = 0, start
+    decode = decode_step_for(cfg, device)  # `--compile`: compiled once, its cache buffers kept for every episode
     if ranks.main:
         _warn_if_all_warmup(cfg, start, stats.count)
     try:
@@ -164,7 +165,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, out: Path, ckpt: Path | None, device:
                 batch, mine = next(batches)
                 # 2-3. trajectories and rewards; every rank rolls out its rows and sees the whole batch's
                 local = rollout_resilient(model, mine, sep, geo, sizes, describe, rows=ranks.rows(batch.batch_size),
-                                          oracle=cfg.choice_target_weight > 0, **rollout_options(cfg))
+                                          oracle=cfg.choice_target_weight > 0, **rollout_options(cfg, decode))
                 traj = local.gathered(batch, ranks)
                 t1 = time.perf_counter()
                 # 4-6. filtering, then the policy update on the selected trajectories

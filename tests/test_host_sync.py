@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers import AutoModelForCausalLM
 
-from attnrl_core.decoding import BufferedCache, forward_logits, sample_tokens
+from attnrl_core.decoding import BufferedCache, DecodeStep, forward_logits, sample_tokens
 from attnrl_core.memtrace import cuda_attention
 from attnrl_core.model import attach_adapter, gqa_attention, policy_and_base, row_adapter
 
@@ -87,6 +87,13 @@ def test_decode_steps_read_nothing_back_and_copy_nothing_in():
         for greedy in (True, False):
             found = _watched(lambda: sample_tokens(model, cache, prompt[:, :2], 3, 1.0, greedy, both, keep_logits=B))
             assert found == [], found
+        # the fixed-shape steps of `--compile` (the position a tensor made on the device, the whole buffers read)
+        static = DecodeStep(compiled=False, device=torch.device("meta"))
+        cache = static.cache(model.config, 64)
+        forward_logits(model, prompt, cache, 1, both)
+        found = _watched(lambda: sample_tokens(model, cache, prompt[:, :2], 3, 1.0, False, both, keep_logits=B,
+                                               decode_step=static))
+        assert found == [] and cache.get_seq_length() == 14, (found, cache.get_seq_length())
         # the guard sees what peft's own mixed-adapter batch does: each LoRA layer indexes its input with lists
         names = [model.active_adapter] * B + ["__base__"] * B
         found = _watched(lambda: model(input_ids=prompt[:, :1], cache=cache, use_cache=True, adapter_names=names))
