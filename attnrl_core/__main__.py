@@ -266,8 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print the tables of OUT/summary.json as markdown (EXPERIMENTS.md's); trains nothing")
     exp.set_defaults(func=_cmd_experiment)
     bench = sub.add_parser("bench", help="measure rollout/update throughput against a naive path and the hardware")
-    bench.add_argument("--preset", choices=["embedded", "llama-3.2-3b-shape"], default="embedded",
-                       help="embedded: SmolLM2-135M on CPU; llama-3.2-3b-shape: random 3B weights (for a GPU)")
+    bench.add_argument("--preset", choices=["embedded", "llama-3.2-3b-shape", "tiny-shape"], default="embedded",
+                       help="embedded: SmolLM2-135M on CPU; llama-3.2-3b-shape: random 3B weights (for a GPU); "
+                            "tiny-shape: random 2-layer weights (the GPU proof's dry run)")
     bench.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     bench.add_argument("--batch_size", type=int, default=None, help="trajectories per batch (default: the preset's)")
     bench.add_argument("--num_kv_pairs", type=int, default=None,

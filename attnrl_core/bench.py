@@ -59,14 +59,22 @@ def matmul_flops_per_second(device: torch.device, size: int = 2048, repeats: int
 PRESETS = {  # SPEC.md's batch sizes: on a CPU too, 64 rows per weight read is where decoding pays
     "embedded": {"preset": "embedded", "generation_batch_size": 64, "training_batch_size": 16},
     "llama-3.2-3b-shape": {"preset": "llama-3.2-3b", "generation_batch_size": 64, "training_batch_size": 16},
+    # the GPU proof's dry run (benchmarks/gpu_proof.sh --dry_run): the same code path on the CPU in seconds
+    "tiny-shape": {"preset": "embedded", "generation_batch_size": 4, "training_batch_size": 2},
+}
+
+SHAPES = {  # random-weight models (no download) for the *-shape presets
+    "llama-3.2-3b-shape": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                               num_attention_heads=24, num_key_value_heads=8, head_dim=128),
+    "tiny-shape": dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16),
 }
 
 
-def _llama_3b_shape(cfg: TrainConfig, device: torch.device):
-    """Random weights in Llama-3.2-3B's shape (no download): speed and memory are honest, text is not."""
-    config = LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                         num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                         rope_theta=500000.0, max_position_embeddings=131072, bos_token_id=128000)
+def _random_model(preset: str, cfg: TrainConfig, device: torch.device):
+    """Random weights in a preset's shape (`SHAPES`): speed and memory are honest, text is not."""
+    config = LlamaConfig(**SHAPES[preset], tie_word_embeddings=True, rope_theta=500000.0,
+                         max_position_embeddings=131072, bos_token_id=1)
     with torch.device(device):  # built in its dtype on the device: no float32 copy of 3B weights on the host
         model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(cfg, device)).eval()
     model.set_attn_implementation(gqa_attention())
@@ -102,8 +110,8 @@ def run_benchmark(preset: str = "embedded", skip_naive: bool = False, **override
 def _benchmark(cfg: TrainConfig, preset: str, device: torch.device, skip_naive: bool) -> dict:
     keep_freed_memory(device)
     torch.manual_seed(cfg.seed)
-    if preset == "llama-3.2-3b-shape":
-        model, tokenizer = _llama_3b_shape(cfg, device)
+    if preset in SHAPES:
+        model, tokenizer = _random_model(preset, cfg, device)
         cfg = cfg.replace(dataset_name=EMBEDDED_DATASET, dataset_config="")
     else:
         model, tokenizer = load_policy(cfg, device)

@@ -24,7 +24,8 @@ VOCAB = 320
 
 # The files that take longest, first: xdist hands files to the workers in collection order, so the long
 # ones start at once and the two workers finish close together (each name a file's basename).
-LONGEST_FIRST = ("test_kill_points.py", "06_experiment.ipynb", "test_distributed.py", "05_trajectory_analysis.ipynb",
+LONGEST_FIRST = ("test_kill_points.py", "test_gpu_proof.py", "06_experiment.ipynb", "test_distributed.py",
+                 "05_trajectory_analysis.ipynb",
                  "07_evaluation.ipynb", "test_reliability.py",
                  "04_training_run.ipynb", "test_evaluate.py", "test_experiment.py", "test_end_to_end.py")
 

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# One prepared proof of the GPU path, for the day a GPU is lent (README "On a GPU"; issue 28). In at most about
+# 8 minutes on one H100/H200, every figure as JSON in one folder:
+#   1. the wheels it is handed (WHEELS=DIR: installed into /tmp/site, first on PYTHONPATH);
+#   2. a Llama-3.2-3B-shaped model with random weights, saved locally (no Hub);
+#   3. `train` at SPEC's sizes for 3 episodes in bf16, the process held to 16 GB
+#      (`torch.cuda.set_per_process_memory_fraction`), SIGKILLed after its first checkpoint, then `--resume`d;
+#   4. the tests that need CUDA;
+#   5. a decode step under `torch.cuda.set_sync_debug_mode("error")`, plain and compiled, against the HBM bound
+#      (benchmarks/gpu_proof.py decode);
+#   6. `bench --preset llama-3.2-3b-shape --compile --json`: rollout eager and compiled, update MFU against a
+#      measured bf16 matmul.
+# Usage: bash benchmarks/gpu_proof.sh [--dry_run] [OUT]   (OUT defaults to runs/gpu-proof-DATE)
+# --dry_run: the same steps on the CPU at a tiny size (2 layers, 4 rows), float32, no memory cap: the script
+# itself is tested in CI (tests/test_gpu_proof.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DRY=0
+if [[ "${1:-}" == "--dry_run" ]]; then DRY=1; shift; fi
+OUT=${1:-runs/gpu-proof-$(date +%Y%m%d-%H%M%S)}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+log() { echo "[gpu_proof $(date +%H:%M:%S)] $*" | tee -a "$OUT/steps.log"; }
+
+if [[ -n "${WHEELS:-}" ]]; then
+  log "installing the wheels in $WHEELS"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
+  export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+"$PY" -c "import json, torch, transformers, peft; print(json.dumps({'torch': torch.__version__, \
+'transformers': transformers.__version__, 'peft': peft.__version__, 'cuda': torch.cuda.is_available()}))" \
+  > "$OUT/versions.json"
+log "versions: $(cat "$OUT/versions.json")"
+
+if [[ $DRY == 1 ]]; then
+  TINY=(--tiny); ROWS=2; CAP=0
+  SIZES=(--preset embedded --generation_batch_size 4 --training_batch_size 2 --num_kv_pairs 6 --tokens_per_key 5
+         --tokens_per_value 4 --tokens_per_query 3 --warmup_trajectories 0 --filter_num_sd 0)
+  BENCH=(--preset tiny-shape --batch_size 4 --num_kv_pairs 6)
+else
+  TINY=(); ROWS=64; CAP=16
+  SIZES=(--preset llama-3.2-3b --dtype bfloat16 --warmup_trajectories 0 --filter_num_sd 0)
+  BENCH=(--preset llama-3.2-3b-shape)
+fi
+
+log "2. a random model in $OUT/model"
+"$PY" benchmarks/gpu_proof.py model "$OUT/model" "${TINY[@]}"
+
+# train's entry point with the process held to CAP GB of the GPU first (0: no cap)
+TRAIN=("$PY" -c "import sys, runpy, torch
+cap = $CAP * 10**9
+if cap and torch.cuda.is_available():
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.get_device_properties(0).total_memory))
+sys.argv = ['attnrl_core'] + sys.argv[1:]
+runpy.run_module('attnrl_core', run_name='__main__')")
+RUN="$OUT/train"
+rm -rf "$RUN"
+log "3. train 3 episodes, SIGKILL after the first checkpoint, resume"
+"${TRAIN[@]}" train "${SIZES[@]}" --model_name "$OUT/model" --dataset_name embedded:gensim-enwiki \
+  --dataset_config "" --num_episodes 3 --checkpoint_every 1 --no_progress --output_dir "$RUN" \
+  > "$OUT/train.log" 2>&1 &
+pid=$!
+for _ in $(seq 1200); do
+  [[ -d "$RUN/checkpoints/episode-1" ]] && break
+  kill -0 "$pid" 2>/dev/null || break
+  sleep 0.5
+done
+if [[ -d "$RUN/checkpoints/episode-1" ]]; then kill -9 "$pid" 2>/dev/null || true; fi
+wait "$pid" 2>/dev/null || true
+[[ -d "$RUN/checkpoints/episode-1" ]] || { log "train wrote no checkpoint: see $OUT/train.log"; tail -20 "$OUT/train.log"; exit 1; }
+"${TRAIN[@]}" train --resume --output_dir "$RUN" --no_progress >> "$OUT/train.log" 2>&1
+"$PY" - "$RUN" > "$OUT/train.json" <<'EOF'
+import json, sys
+rows = [json.loads(line) for line in open(f"{sys.argv[1]}/metrics.jsonl")]
+keys = ("episode", "reward", "seconds", "peak_memory_bytes", "tokens_per_second")
+print(json.dumps({"episodes": [{k: r.get(k) for k in keys} for r in rows]}))
+EOF
+log "train: $(cat "$OUT/train.json")"
+[[ $(wc -l < "$RUN/metrics.jsonl") == 3 ]] || { log "expected 3 episodes after the resume"; exit 1; }
+
+log "4. the tests that need CUDA"
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  "$PY" -m pytest -q -p no:cacheprovider tests -k "cuda or gpu" > "$OUT/cuda_tests.log" 2>&1 || \
+    { log "CUDA tests failed: see $OUT/cuda_tests.log"; tail -5 "$OUT/cuda_tests.log"; }
+else
+  echo "no CUDA: skipped" > "$OUT/cuda_tests.log"
+fi
+
+log "5. the decode step: plain, fixed-shape and compiled, host-sync checked on CUDA"
+"$PY" benchmarks/gpu_proof.py decode "$OUT/model" "$OUT/decode.json" --rows "$ROWS" > "$OUT/decode.log" 2>&1 || \
+  { tail -20 "$OUT/decode.log"; exit 1; }
+log "decode: $(cat "$OUT/decode.json" | tr -d '\n ')"
+
+log "6. bench, eager and compiled"
+"$PY" -m attnrl_core bench "${BENCH[@]}" --skip_naive --compile --json > "$OUT/bench.log" 2>&1 || \
+  { tail -20 "$OUT/bench.log"; exit 1; }
+tail -1 "$OUT/bench.log" > "$OUT/bench.json"
+log "bench: $(cat "$OUT/bench.json")"
+log "done: $OUT"
