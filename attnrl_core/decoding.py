@@ -127,7 +127,7 @@ class _StaticStepCache(Cache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         keys, values = self.buffers[layer_idx]
-        keys.index_copy_(2, self.position, key_states)
+        keys.index_copy_(2, self.position, key_states)  # as transformers' StaticLayer: in place, CUDA-graph safe
         values.index_copy_(2, self.position, value_states)
         return keys, values
 

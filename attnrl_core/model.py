@@ -56,19 +56,28 @@ GQA_SDPA = "sdpa_gqa"
 
 def _sdpa_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                         **kwargs):
-    """transformers' SDPA attention, except that on the CPU a masked multi-token read hands the grouped
-    key/value heads to the kernel as they are (`enable_gqa`).
+    """transformers' SDPA attention, except that a masked read hands the grouped key/value heads to the kernel
+    as they are, never repeated.
 
-    With a mask, transformers repeats the key/value heads first (CUDA's fast kernels need that), which
-    copies the whole KV cache in every layer each time the rollout reads a prompt or a value onto a
-    cache (its cost is in BENCHMARKS.md). The CPU flash kernel takes the groups directly, with the same
-    result (tested).
+    With a mask, transformers repeats the key/value heads first (CUDA's fast kernels need that; for one query
+    token it folds the groups into the query instead, but not while `torch.compile` traces), which copies the
+    whole KV cache in every layer each time the rollout reads a prompt or a value onto a cache (its cost is in
+    BENCHMARKS.md), and at every fixed-shape decode step of `--compile`, whose mask covers the whole buffer. One
+    query token: the groups are folded into the query ([B, Hq, 1, D] -> [B, Hkv, groups, D], the same products,
+    any device, traced or not). Several on the CPU: the flash kernel takes the groups directly (`enable_gqa`).
+    The same result either way (tested).
     """
-    if (query.device.type == "cpu" and attention_mask is not None and query.shape[2] > 1
-            and getattr(module, "num_key_value_groups", 1) > 1 and kwargs.get("position_bias") is None):
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                             scale=scaling, enable_gqa=True)
-        return out.transpose(1, 2).contiguous(), None
+    groups = getattr(module, "num_key_value_groups", 1)
+    if attention_mask is not None and groups > 1 and kwargs.get("position_bias") is None and dropout == 0.0:
+        B, H, Q, D = query.shape
+        if Q == 1:
+            out = F.scaled_dot_product_attention(query.reshape(B, H // groups, groups, D), key, value,
+                                                 attn_mask=attention_mask, scale=scaling)
+            return out.reshape(B, H, 1, D).transpose(1, 2).contiguous(), None
+        if query.device.type == "cpu":
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
+                                                 enable_gqa=True)
+            return out.transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
 
