@@ -146,13 +146,13 @@ def _cmd_learning_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
-    from .experiment import experiment_dir, format_summary, run_experiment
+    from .experiment import experiment_dir, format_summary, load_experiment, run_experiment, summarize
 
-    if args.markdown:  # the tables of finished runs only: nothing is trained or evaluated
+    if args.markdown:  # the tables of the runs trained and evaluated so far: nothing is trained or evaluated
         out = experiment_dir(args.file, args.output_dir)
-        if not (out / "summary.json").is_file():
-            raise ValueError(f"{out} has no summary.json: run `experiment {args.file}` first")
-        summary = json.loads((out / "summary.json").read_text())
+        if not out.is_dir():
+            raise ValueError(f"{out} does not exist: run `experiment {args.file}` first")
+        summary = summarize(out, load_experiment(args.file), partial=True)
     else:
         summary = run_experiment(args.file, args.output_dir, args.parallel)
     print(format_summary(summary, markdown=args.markdown))
@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--output_dir", default=None, help="where the runs go (default: runs/experiments/NAME)")
     exp.add_argument("--parallel", type=_positive, default=2, help="runs trained at once (each a process)")
     exp.add_argument("--markdown", action="store_true",
-                     help="print the tables of OUT/summary.json as markdown (EXPERIMENTS.md's); trains nothing")
+                     help="print the tables of the runs trained and evaluated so far as markdown (EXPERIMENTS.md's); "
+                          "trains nothing")
     exp.set_defaults(func=_cmd_experiment)
     bench = sub.add_parser("bench", help="measure rollout/update throughput against a naive path and the hardware")
     bench.add_argument("--preset", choices=["embedded", "llama-3.2-3b-shape", "tiny-shape"], default="embedded",

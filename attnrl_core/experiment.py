@@ -174,14 +174,26 @@ def t_interval(values, level: float = 0.95) -> dict:
     return out
 
 
-def summarize(out: Path, spec: dict) -> dict:
+def _done(out: Path, spec: dict, arm: str, seed: int) -> bool:
+    """Trained to the end and evaluated (what `summarize(partial=True)` reports)."""
+    run_dir = out / f"{arm}-s{seed}"
+    if not (run_dir / "config.json").is_file():
+        return False
+    cfg = run_config(spec, arm, seed, run_dir)
+    return _finished(run_dir, cfg) and (run_dir / "eval" / f"episode-{cfg.num_episodes}.json").is_file()
+
+
+def summarize(out: Path, spec: dict, partial: bool = False) -> dict:
     """Per arm and seed: curves, the final reward, the overfit figures and the evaluation (with its
     article-level intervals); per arm each figure's mean over seeds with a t interval (`over_seeds`); and
-    for every pair of arms the paired-by-seed difference of each figure with its t interval (`pairs`)."""
+    for every pair of arms the paired-by-seed difference of each figure with its t interval (`pairs`, over the
+    seeds both arms have). `partial`: the runs trained and evaluated so far only (an experiment under way)."""
     arms: dict = {}
     for arm in spec["arms"]:
         runs = []
         for seed in spec["seeds"]:
+            if partial and not _done(out, spec, arm, seed):
+                continue
             cfg, metrics, _ = load_run(out / f"{arm}-s{seed}")
             report = json.loads((out / f"{arm}-s{seed}" / "eval" / f"episode-{cfg.num_episodes}.json").read_text())
             rewards = [m["reward"] for m in metrics]
@@ -198,9 +210,10 @@ def summarize(out: Path, spec: dict) -> dict:
     pairs = {}
     for i, first in enumerate(names):
         for second in names[i + 1:]:
+            by_seed = {r["seed"]: r for r in arms[first]["runs"]}
+            matched = [(by_seed[b["seed"]], b) for b in arms[second]["runs"] if b["seed"] in by_seed]
             pairs[f"{second}-{first}"] = {
-                name: t_interval([None if get(b) is None or get(a) is None else get(b) - get(a)
-                                  for a, b in zip(arms[first]["runs"], arms[second]["runs"])])
+                name: t_interval([None if get(b) is None or get(a) is None else get(b) - get(a) for a, b in matched])
                 for name, get in FIGURES.items()}
     return {"base": spec["base"], "seeds": spec["seeds"], "final_window": FINAL_WINDOW, "arms": arms, "pairs": pairs}
 

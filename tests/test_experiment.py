@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from attnrl_core.experiment import format_summary, load_experiment, run_experiment, t_interval
+from attnrl_core.experiment import format_summary, load_experiment, run_experiment, summarize, t_interval
 
 TINY = {"preset": "embedded", "generation_batch_size": 4, "training_batch_size": 2, "num_kv_pairs": 3,
         "tokens_per_key": 8, "tokens_per_value": 8, "tokens_per_query": 6, "warmup_trajectories": 2,
@@ -39,6 +39,12 @@ def test_experiment_trains_evaluates_and_skips_what_is_done(tmp_path):
     again = run_experiment(path, out, parallel=1)  # everything is done: nothing reruns, the same numbers
     assert (out / "spec-s0" / "metrics.jsonl").stat().st_mtime_ns == stamp
     assert json.dumps(again) == json.dumps(summary)
+    # an experiment under way (`--markdown`): the runs trained and evaluated so far, arms paired over shared seeds
+    (out / "loo-s0" / "eval" / "episode-4.json").rename(tmp_path / "held.json")
+    partial = summarize(out, load_experiment(path), partial=True)
+    assert len(partial["arms"]["spec"]["runs"]) == 1 and partial["arms"]["loo"]["runs"] == []
+    assert partial["pairs"]["loo-spec"]["final_reward"]["n"] == 0
+    assert "| spec | 0 |" in format_summary(partial, markdown=True)
 
 
 def test_an_invalid_arm_is_refused_before_anything_runs(tmp_path):
