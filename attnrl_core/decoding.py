@@ -40,7 +40,9 @@ class _BufferLayer(DynamicLayer):
         else:  # the run's buffers of this layer and shape, allocated by the first rollout that needed them
             key = (self.index, shapes, self.dtype, self.device)
             if key not in self.pool:
-                self.pool[key] = tuple(key_states.new_empty(shape) for shape in shapes)
+                # zeros, not empty: the fixed-shape step reads the whole buffer, and a masked position's weight 0
+                # times a NaN left in uninitialised memory is NaN (as transformers' StaticLayer allocates)
+                self.pool[key] = tuple(key_states.new_zeros(shape) for shape in shapes)
                 if self.device.type == "cuda":  # a CUDA graph replays reads of these very addresses
                     for buffer in self.pool[key]:
                         torch._dynamo.mark_static_address(buffer)
