@@ -2,11 +2,15 @@
 
 A two-process run, a one-process run of the same global batch, a two-process run killed and resumed
 by one process, and two one-process "nodes" meeting at a rendezvous on 127.0.0.1 must select the
-same trajectories and end with the same adapter. The learning rate is 1e-4: the ranks roll out
-batches of a different size, whose matrix products round differently (1e-7), and Adam's normalised
-first steps scale such a difference up to a fraction of the learning rate in a few weights (at 1e-3
-the largest difference was 4e-5, in 11 of 460,800 weights; one process with 1 or 2 threads differs
-by 2e-3 for the same reason).
+same trajectories and end with the same adapter. The ranks roll out batches of a different size,
+whose matrix products round differently (1e-7), and Adam's normalised first steps (a step of about
+±lr whatever the gradient's size) turn a weight whose gradient is rounding noise into a difference of
+up to 2·lr a step. So "the same adapter" is: almost every weight equal to 1e-6, and the few that are
+not within Adam's bound. A fault of the data parallelism (a rank's trajectories weighted wrongly, a
+gradient not reduced) moves most weights, and the loss and gradient norm compared beside it.
+Measured at lr 1e-4: 75 of 460,800 weights beyond 1e-6, the largest 3e-5 (torch 2.13, transformers
+5.25); at lr 1e-3, 11 beyond 1e-5, the largest 4e-5; one process with 1 or 2 threads differs by
+2e-3 for the same reason.
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ from attnrl_core.model import head_geometry
 from .conftest import SEP, make_batch, tiny_config
 from .killpoints import final_adapter, max_difference, wait_for_line
 
+LEARNING_RATE = 1e-4
 # A micro-batch of 4: an optimizer step holds trajectories of both processes, so the weighting across them counts
 ARGS = ["--preset", "embedded", "--generation_batch_size", "4", "--training_batch_size", "4", "--num_kv_pairs", "3",
         "--tokens_per_key", "8", "--tokens_per_value", "8", "--tokens_per_query", "6", "--warmup_trajectories", "2",
-        "--filter_num_sd", "0", "--learning_rate", "1e-4", "--lora_dropout", "0", "--checkpoint_every", "1",
+        "--filter_num_sd", "0", "--learning_rate", str(LEARNING_RATE), "--lora_dropout", "0", "--checkpoint_every", "1",
         "--no_progress", "--num_episodes", "3", "--num_threads", "1"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
@@ -61,8 +66,8 @@ def _free_port() -> int:
 
 
 def _same_run(a, b) -> None:
-    """Same selection, rewards to 1e-5, the same update (loss, KL, gradient norm, tokens read) and final
-    adapter to 1e-5."""
+    """Same selection, rewards to 1e-5, the same update (loss, KL, gradient norm, tokens read) and the same
+    final adapter: fewer than 0.1% of its weights beyond 1e-6 apart, none beyond Adam's 2·lr a step."""
     ma, mb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
     assert [m["episode"] for m in ma] == [m["episode"] for m in mb] == [1, 2, 3]
     assert max(abs(x["reward"] - y["reward"]) for x, y in zip(ma, mb)) <= 1e-5
@@ -76,7 +81,10 @@ def _same_run(a, b) -> None:
     assert [t["selected"] for t in ta] == [t["selected"] for t in tb] and any(t["selected"] for t in ta)
     assert [[s["pair"] for s in t["steps"]] for t in ta] == [[s["pair"] for s in t["steps"]] for t in tb]
     assert max(abs(x["reward"] - y["reward"]) for x, y in zip(ta, tb)) <= 1e-5
-    assert max_difference(final_adapter(a, 3), final_adapter(b, 3)) <= 1e-5
+    wa, wb = final_adapter(a, 3), final_adapter(b, 3)
+    apart = sum(int(((wa[k] - wb[k]).abs() > 1e-6).sum()) for k in wa)
+    assert apart < 1e-3 * sum(w.numel() for w in wa.values()), apart
+    assert max_difference(wa, wb) <= 2 * LEARNING_RATE * 3
 
 
 @pytest.fixture(scope="module")
