@@ -146,7 +146,7 @@ def _cmd_learning_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
-    from .experiment import experiment_dir, format_summary, load_experiment, run_experiment, summarize
+    from .experiment import experiment_dir, format_summary, load_experiment, run_experiment, save_figure, summarize
 
     if args.markdown:  # the tables of the runs trained and evaluated so far: nothing is trained or evaluated
         out = experiment_dir(args.file, args.output_dir)
@@ -155,6 +155,8 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         summary = summarize(out, load_experiment(args.file), partial=True)
     else:
         summary = run_experiment(args.file, args.output_dir, args.parallel)
+    if args.figure:
+        save_figure(summary, args.figure)
     print(format_summary(summary, markdown=args.markdown))
     return 0
 
@@ -265,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--markdown", action="store_true",
                      help="print the tables of the runs trained and evaluated so far as markdown (EXPERIMENTS.md's); "
                           "trains nothing")
+    exp.add_argument("--figure", default=None,
+                     help="also draw the summary's figure to this PNG (with --markdown: the runs done so far)")
     exp.set_defaults(func=_cmd_experiment)
     bench = sub.add_parser("bench", help="measure rollout/update throughput against a naive path and the hardware")
     bench.add_argument("--preset", choices=["embedded", "llama-3.2-3b-shape", "tiny-shape"], default="embedded",

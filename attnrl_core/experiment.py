@@ -121,7 +121,8 @@ def experiment_dir(path: str | Path, out: str | Path | None = None) -> Path:
 
 
 def run_experiment(path: str | Path, out: str | Path | None = None, parallel: int = 2) -> dict:
-    """Every (arm, seed) trained and evaluated (skipping what is done), then `summarize`d into OUT/summary.json."""
+    """Every (arm, seed) trained and evaluated (skipping what is done), then `summarize`d into OUT/summary.json,
+    its figure OUT/experiment.png."""
     spec = load_experiment(path)
     out = experiment_dir(path, out)
     # Seed by seed, every arm of a seed before the next seed: a cut experiment then leaves whole seeds, which
@@ -145,10 +146,15 @@ def run_experiment(path: str | Path, out: str | Path | None = None, parallel: in
     bar.close()
     summary = summarize(out, spec)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    fig = plot_experiment(summary)
-    fig.savefig(out / "experiment.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)  # else a notebook that draws the summary itself shows this figure a second time
+    save_figure(summary, out / "experiment.png")
     return summary
+
+
+def save_figure(summary: dict, path: str | Path) -> None:
+    """`plot_experiment(summary)` written to `path` (PNG)."""
+    fig = plot_experiment(summary)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)  # else a notebook that draws the summary itself shows this figure a second time
 
 
 # The per-run figures aggregated over seeds: name -> how to read it from a run's summary entry.
@@ -218,7 +224,7 @@ def summarize(out: Path, spec: dict, partial: bool = False) -> dict:
     return {"base": spec["base"], "seeds": spec["seeds"], "final_window": FINAL_WINDOW, "arms": arms, "pairs": pairs}
 
 
-CURVES = ("selection_entropy", "adapter_reward", "query_reward", "oracle_fraction")
+CURVES = ("selection_entropy", "adapter_reward", "query_reward", "oracle_fraction", "target_oracle_fraction")
 
 
 def _mean(values: list) -> float:
@@ -299,13 +305,16 @@ def _smooth(x: np.ndarray, k: int) -> np.ndarray:
 def plot_experiment(summary: dict, smooth: int = 10):
     """An experiment's curves, mean ± SD over seeds per arm (each a trailing mean over `smooth` episodes): the
     batch reward, its adapter and query parts, the selection entropy and, where logged, the training batch's
-    per-step oracle fraction; and, when the summary has them, the held-out figures per arm (mean over seeds
-    with its t interval, each seed a dot)."""
+    per-step oracle fraction, on the reward and on the selection objective's own score; and, when the summary has
+    them, the held-out figures per arm (mean over seeds with its t interval, each seed a dot). An arm with no run
+    finished yet (an experiment under way) has no curve."""
     panels = [("reward", "batch reward (nats per value token)"), ("adapter_reward", "adapter part of the reward"),
               ("query_reward", "query part of the reward"), ("selection_entropy", "selection entropy (1 = uniform)")]
     runs_of = [r for a in summary["arms"].values() for r in a["runs"]]
-    if any(v is not None for r in runs_of for v in r.get("oracle_fraction", [])):
-        panels.append(("oracle_fraction", "training per-step oracle fraction"))
+    for key, title in (("oracle_fraction", "training per-step oracle fraction (reward)"),
+                       ("target_oracle_fraction", "training oracle fraction (objective's score)")):
+        if any(v is not None for r in runs_of for v in r.get(key, [])):
+            panels.append((key, title))
     heldout = all("over_seeds" in a for a in summary["arms"].values())
     pairs = summary.get("pairs") or {}
     count = len(panels) + (2 if heldout else 0) + (1 if heldout and pairs else 0)
@@ -317,6 +326,8 @@ def plot_experiment(summary: dict, smooth: int = 10):
         if all(v is None for r in runs_of for v in r[key]):
             _no_value(ax, "no value logged (e.g. every step\nhad a single pair left)")
         for arm, a in summary["arms"].items():
+            if not a["runs"]:
+                continue
             curves = np.array([[np.nan if v is None else v for v in r[key]] for r in a["runs"]], dtype=float)
             with warnings.catch_warnings():  # an episode with no value in any seed stays a gap, not a warning
                 warnings.simplefilter("ignore", RuntimeWarning)

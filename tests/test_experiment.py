@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from attnrl_core.experiment import format_summary, load_experiment, run_experiment, summarize, t_interval
+from attnrl_core.experiment import format_summary, load_experiment, run_experiment, save_figure, summarize, t_interval
 
 TINY = {"preset": "embedded", "generation_batch_size": 4, "training_batch_size": 2, "num_kv_pairs": 3,
         "tokens_per_key": 8, "tokens_per_value": 8, "tokens_per_query": 6, "warmup_trajectories": 2,
@@ -45,6 +45,8 @@ def test_experiment_trains_evaluates_and_skips_what_is_done(tmp_path):
     assert len(partial["arms"]["spec"]["runs"]) == 1 and partial["arms"]["loo"]["runs"] == []
     assert partial["pairs"]["loo-spec"]["final_reward"]["n"] == 0
     assert "| spec | 0 |" in format_summary(partial, markdown=True)
+    save_figure(partial, tmp_path / "partial.png")  # an arm with no run done has no curve, not an error
+    assert (tmp_path / "partial.png").stat().st_size > 0
 
 
 def test_an_invalid_arm_is_refused_before_anything_runs(tmp_path):
