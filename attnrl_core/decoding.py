@@ -40,13 +40,16 @@ class _BufferLayer(DynamicLayer):
         else:  # the run's buffers of this layer and shape, allocated by the first rollout that needed them
             key = (self.index, shapes, self.dtype, self.device)
             if key not in self.pool:
-                # zeros, not empty: the fixed-shape step reads the whole buffer, and a masked position's weight 0
-                # times a NaN left in uninitialised memory is NaN (as transformers' StaticLayer allocates)
-                self.pool[key] = tuple(key_states.new_zeros(shape) for shape in shapes)
+                self.pool[key] = tuple(key_states.new_empty(shape) for shape in shapes)
                 if self.device.type == "cuda":  # a CUDA graph replays reads of these very addresses
                     for buffer in self.pool[key]:
                         torch._dynamo.mark_static_address(buffer)
             self.key_buffer, self.value_buffer = self.pool[key]
+            # zeroed by every cache that takes them: the fixed-shape step reads the whole buffer, and a masked
+            # position's weight 0 times a NaN or inf left there (uninitialised memory, an earlier rollout's
+            # overflow) is NaN. One fill per layer per rollout, outside the token loop.
+            self.key_buffer.zero_()
+            self.value_buffer.zero_()
         self.keys, self.values = self.key_buffer[:, :, :0], self.value_buffer[:, :, :0]
         self.is_initialized = True
 
@@ -163,6 +166,11 @@ class DecodeStep:
 
     def cache(self, config, max_length: int) -> BufferedCache:
         return BufferedCache(config, max_length, pool=self.pool)
+
+    def release(self) -> None:
+        """Drop the pooled buffers (after an out-of-memory: a retry in smaller chunks must not find the full-size
+        ones still held); the next rollout allocates what it needs."""
+        self.pool.clear()
 
     def __call__(self, model: nn.Module, token: torch.Tensor, cache: BufferedCache, position: torch.Tensor,
                  adapter_rows: torch.Tensor | None = None) -> torch.Tensor:

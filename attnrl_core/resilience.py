@@ -84,6 +84,8 @@ def rollout_resilient(model, batch, sep, geo, state: FallbackState, describe_har
             if not is_out_of_memory(e):
                 raise
             restore()
+            if kwargs.get("decode_step") is not None:
+                kwargs["decode_step"].release()
             free_memory()
             state.oom_events += 1
             if chunk <= 1:

@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 
 from attnrl_core.decoding import DecodeStep
 from attnrl_core.model import head_geometry
+from attnrl_core.resilience import FallbackState, rollout_resilient
 from attnrl_core.rollout import rollout
 
 from .conftest import SEP, make_batch, tiny_config
@@ -41,9 +42,35 @@ def test_fixed_shape_steps_give_the_plain_steps_numbers(policy, monkeypatch):
     # repeated copy of the whole cache in every layer at every step made the compiled rollout 0.7x eager)
     assert repeats == []
     buffers = [b.data_ptr() for pair in step.pool.values() for b in pair]
+    with torch.inference_mode():  # what an earlier rollout's overflow would leave at the masked positions
+        for pair in step.pool.values():
+            for b in pair:
+                b.fill_(float("nan"))
     _same(_rollout(policy, cfg, step, seed=1), _rollout(policy, cfg, seed=1))
     # the second rollout wrote into the first one's buffers: one allocation per run and shape
     assert [b.data_ptr() for pair in step.pool.values() for b in pair] == buffers
+
+
+def test_an_out_of_memory_rollout_releases_the_pooled_buffers(policy, monkeypatch):
+    """The retry in smaller chunks does not find the full-size buffers still held: they are dropped on the
+    out-of-memory, and the pool ends with the chunks' shape alone."""
+    import attnrl_core.resilience as res
+
+    real = res.rollout
+
+    def rollout_oom(model, batch, *a, **k):
+        out = real(model, batch, *a, **k)  # allocates the pool's buffers of this batch size first
+        if batch.batch_size > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return out
+
+    monkeypatch.setattr(res, "rollout", rollout_oom)
+    cfg = tiny_config()
+    step = DecodeStep(compiled=False, device=torch.device("cpu"))
+    batch = make_batch(policy, cfg)
+    rollout_resilient(policy, batch, SEP, head_geometry(policy), FallbackState(batch.batch_size, 1, 1), str,
+                      tokens_per_query=cfg.tokens_per_query, decode_step=step)
+    assert step.pool and {buffer.shape[0] for pair in step.pool.values() for buffer in pair} == {2}  # policy + base
 
 
 @pytest.mark.slow
