@@ -5,15 +5,19 @@
 #   2. a Llama-3.2-3B-shaped model with random weights, saved locally (no Hub);
 #   3. `train` at SPEC's sizes for 3 episodes in bf16, the process held to 16 GB
 #      (`torch.cuda.set_per_process_memory_fraction`), SIGKILLed after its first checkpoint, then `--resume`d;
-#   4. the tests that need CUDA;
-#   5. a decode step under `torch.cuda.set_sync_debug_mode("error")`, plain and compiled, against the HBM bound
-#      (benchmarks/gpu_proof.py decode);
+#   4. the tests that need CUDA (`pytest -m cuda`: tests/test_cuda.py);
+#   5. the decode step timed plain, fixed-shape and compiled against the HBM bound, the fixed-shape and compiled
+#      steps run under `torch.cuda.set_sync_debug_mode("error")` (benchmarks/gpu_proof.py decode);
 #   6. `bench --preset llama-3.2-3b-shape --compile --json`: rollout eager and compiled, update MFU against a
 #      measured bf16 matmul.
-# Usage: bash benchmarks/gpu_proof.sh [--dry_run] [OUT]   (OUT defaults to runs/gpu-proof-DATE)
+# Usage: [WHEELS=DIR] bash benchmarks/gpu_proof.sh [--dry_run] [OUT]   (OUT defaults to runs/gpu-proof-DATE)
+# It stops at once, in one line, where transformers or peft is older than pyproject.toml's bound (bring them as
+# WHEELS); torch cannot travel as a wheel (the CUDA build is gigabytes), so an older torch is recorded and used.
+# Each step has a time limit, and steps.log says when each began (seconds since the start).
 # --dry_run: the same steps on the CPU at a tiny size (2 layers, 4 rows), float32, no memory cap: the script
 # itself is tested in CI (tests/test_gpu_proof.py).
 set -euo pipefail
+[[ -z "${WHEELS:-}" ]] || WHEELS=$(cd "$WHEELS" && pwd)  # a relative WHEELS is the caller's, not the repository's
 cd "$(dirname "$0")/.."
 DRY=0
 if [[ "${1:-}" == "--dry_run" ]]; then DRY=1; shift; fi
@@ -23,7 +27,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-log() { echo "[gpu_proof $(date +%H:%M:%S)] $*" | tee -a "$OUT/steps.log"; }
+log() { echo "[gpu_proof $(date +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$OUT/steps.log"; }
 
 if [[ -n "${WHEELS:-}" ]]; then
   log "installing the wheels in $WHEELS"
@@ -34,6 +38,15 @@ fi
 'transformers': transformers.__version__, 'peft': peft.__version__, 'cuda': torch.cuda.is_available()}))" \
   > "$OUT/versions.json"
 log "versions: $(cat "$OUT/versions.json")"
+"$PY" - <<'EOF' || exit 2
+import sys
+from importlib.metadata import version
+from attnrl_core.doctor import MIN_VERSIONS, _version_tuple
+old = [f"{p} {version(p)} < {MIN_VERSIONS[p]}" for p in ("transformers", "peft")
+       if _version_tuple(version(p)) < _version_tuple(MIN_VERSIONS[p])]
+if old:
+    sys.exit(f"gpu_proof: {', '.join(old)}: bring newer wheels with WHEELS=DIR (README 'On a GPU')")
+EOF
 
 if [[ $DRY == 1 ]]; then
   TINY=(--tiny); ROWS=2; CAP=0
@@ -47,7 +60,7 @@ else
 fi
 
 log "2. a random model in $OUT/model"
-"$PY" benchmarks/gpu_proof.py model "$OUT/model" "${TINY[@]}"
+timeout 180 "$PY" benchmarks/gpu_proof.py model "$OUT/model" "${TINY[@]}"
 
 # train's entry point with the process held to CAP GB of the GPU first (0: no cap)
 TRAIN=("$PY" -c "import sys, runpy, torch
@@ -63,15 +76,16 @@ log "3. train 3 episodes, SIGKILL after the first checkpoint, resume"
   --dataset_config "" --num_episodes 3 --checkpoint_every 1 --no_progress --output_dir "$RUN" \
   > "$OUT/train.log" 2>&1 &
 pid=$!
-for _ in $(seq 1200); do
+for _ in $(seq 480); do  # at most 4 minutes to the first checkpoint
   [[ -d "$RUN/checkpoints/episode-1" ]] && break
   kill -0 "$pid" 2>/dev/null || break
   sleep 0.5
 done
-if [[ -d "$RUN/checkpoints/episode-1" ]]; then kill -9 "$pid" 2>/dev/null || true; fi
+kill -9 "$pid" 2>/dev/null || true  # the SIGKILL after the first checkpoint (or at the time limit, without one)
 wait "$pid" 2>/dev/null || true
 [[ -d "$RUN/checkpoints/episode-1" ]] || { log "train wrote no checkpoint: see $OUT/train.log"; tail -20 "$OUT/train.log"; exit 1; }
-"${TRAIN[@]}" train --resume --output_dir "$RUN" --no_progress >> "$OUT/train.log" 2>&1
+timeout 300 "${TRAIN[@]}" train --resume --output_dir "$RUN" --no_progress >> "$OUT/train.log" 2>&1 || \
+  { log "the resumed train failed or ran out of time: see $OUT/train.log"; tail -20 "$OUT/train.log"; exit 1; }
 "$PY" - "$RUN" > "$OUT/train.json" <<'EOF'
 import json, sys
 rows = [json.loads(line) for line in open(f"{sys.argv[1]}/metrics.jsonl")]
@@ -83,19 +97,19 @@ log "train: $(cat "$OUT/train.json")"
 
 log "4. the tests that need CUDA"
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  "$PY" -m pytest -q -p no:cacheprovider tests -k "cuda or gpu" > "$OUT/cuda_tests.log" 2>&1 || \
+  timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests > "$OUT/cuda_tests.log" 2>&1 || \
     { log "CUDA tests failed: see $OUT/cuda_tests.log"; tail -5 "$OUT/cuda_tests.log"; }
 else
   echo "no CUDA: skipped" > "$OUT/cuda_tests.log"
 fi
 
 log "5. the decode step: plain, fixed-shape and compiled, host-sync checked on CUDA"
-"$PY" benchmarks/gpu_proof.py decode "$OUT/model" "$OUT/decode.json" --rows "$ROWS" > "$OUT/decode.log" 2>&1 || \
+timeout 300 "$PY" benchmarks/gpu_proof.py decode "$OUT/model" "$OUT/decode.json" --rows "$ROWS" > "$OUT/decode.log" 2>&1 || \
   { tail -20 "$OUT/decode.log"; exit 1; }
 log "decode: $(cat "$OUT/decode.json" | tr -d '\n ')"
 
 log "6. bench, eager and compiled"
-"$PY" -m attnrl_core bench "${BENCH[@]}" --skip_naive --compile --json > "$OUT/bench.log" 2>&1 || \
+timeout 300 "$PY" -m attnrl_core bench "${BENCH[@]}" --skip_naive --compile --json > "$OUT/bench.log" 2>&1 || \
   { tail -20 "$OUT/bench.log"; exit 1; }
 tail -1 "$OUT/bench.log" > "$OUT/bench.json"
 log "bench: $(cat "$OUT/bench.json")"
