@@ -42,7 +42,8 @@ class _HostFunctions(TorchFunctionMode):
         if func in (torch.tensor, torch.as_tensor) and str(kwargs.get("device", "cpu")) != "cpu":
             self.found.append(f"{func.__name__} from host data onto the device")
         if func in (torch.Tensor.to, torch.Tensor.cuda) and args[0].device.type == "cpu" and any(
-                isinstance(a, (str, torch.device)) and str(a) != "cpu" for a in (*args[1:], *kwargs.values())):
+                (isinstance(a, (str, torch.device)) and str(a) != "cpu") or
+                (isinstance(a, torch.Tensor) and a.device.type != "cpu") for a in (*args[1:], *kwargs.values())):
             self.found.append("a host tensor moved onto the device")
         return func(*args, **kwargs)
 
@@ -58,7 +59,10 @@ class _HostDispatch(TorchDispatchMode):
             self.found.append(f"a value read back ({func})")
             return True if tensors[0].dtype == torch.bool else 0
         devices = {t.device.type for t in tensors if t.dim() > 0}
-        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and len(devices) > 1:
+        if func is torch.ops.aten.copy_.default and len(devices) > 1:
+            self.found.append(f"a copy between host and device ({func})")
+        if func is torch.ops.aten._to_copy.default and str((kwargs or {}).get("device", tensors[0].device)) != \
+                str(tensors[0].device):  # one tensor in: the target device is a keyword
             self.found.append(f"a copy between host and device ({func})")
         return func(*args, **(kwargs or {}))
 
