@@ -8,9 +8,11 @@
       One rollout's decode step at SPEC's sizes (2 x 64 rows: policy and base; the cache at SPEC's final length,
       filled to its mean): milliseconds per step as plain forward passes, as the fixed-shape step, and compiled
       (`--compile`); on CUDA one fixed-shape and one compiled step under `torch.cuda.set_sync_debug_mode("error")`
-      (a host synchronisation raises; tests/test_cuda.py runs the whole token loop so), the bytes a step must read (weights, the float32 head's input, the KV cache
-      to its position) and the measured copy bandwidth, so `fraction_of_bandwidth_bound` is the step's time
-      against the time to read those bytes once.
+      (a host synchronisation raises; tests/test_cuda.py runs the whole token loop so), the bytes a step must
+      read (weights, the float32 head's input, the KV cache to its position) and the measured copy bandwidth, so
+      `fraction_of_bandwidth_bound` is the step's time against the time to read those bytes once. The bound is
+      the plain step's: the fixed-shape step reads its whole buffer, past the position too (at SPEC's sizes
+      about twice the cache bytes at the mean position).
 """
 
 from __future__ import annotations
