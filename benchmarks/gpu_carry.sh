@@ -57,4 +57,6 @@ cp -r "$CACHE"/enwiki-sample-v1 .gpu_cache/
 tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
 carry=$(du -cb .whl .gpu_cache | tail -1 | cut -f1)
 echo "working tree $((tree / 2**20)) MiB + .whl and .gpu_cache $((carry / 2**20)) MiB = $(((tree + carry) / 2**20)) MiB of 64"
-(( tree + carry < 64 * 2**20 )) || { echo "gpu_carry: over the device's 64 MiB a call: leave something out"; exit 1; }
+(( tree + carry < 64 * 2**20 )) || { echo "gpu_carry: over the device's 64 MiB a call: leave something out (the
+largest tracked files: experiments/kept/*/ checkpoints and trajectories, 4.6 MB a run, which a finished experiment no
+longer needs; its summary, metrics and evaluations are small)"; exit 1; }
