@@ -32,17 +32,21 @@ from pathlib import Path
 
 (wheel,) = Path(sys.argv[1]).glob("bitsandbytes-*.whl")
 keep = ("libbitsandbytes_cpu.so", "libbitsandbytes_cuda130.so")
+
+
+def dropped(name: str) -> bool:
+    return name.endswith(".so") and not name.endswith(keep)
+
+
 slim = wheel.with_suffix(".slim")
 with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED) as dst:
     for item in src.infolist():
-        name = item.filename
-        if name.endswith(".so") and not name.endswith(keep):
+        if dropped(item.filename):
             continue
         data = src.read(item)
-        if name.endswith(".dist-info/RECORD"):
-            lines = data.decode().splitlines()
-            data = ("\n".join(l for l in lines if not (l.split(",")[0].endswith(".so") and
-                                                      not l.split(",")[0].endswith(keep))) + "\n").encode()
+        if item.filename.endswith(".dist-info/RECORD"):  # one line per file: "path,hash,size"
+            data = "".join(line for line in data.decode().splitlines(keepends=True)
+                           if not dropped(line.split(",")[0])).encode()
         dst.writestr(item, data)
 slim.replace(wheel)
 EOF

@@ -34,19 +34,19 @@ if [[ -n "${WHEELS:-}" ]]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
   export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
-"$PY" -c "import json, torch, transformers, peft; print(json.dumps({'torch': torch.__version__, \
-'transformers': transformers.__version__, 'peft': peft.__version__, 'cuda': torch.cuda.is_available()}))" \
-  > "$OUT/versions.json"
-log "versions: $(cat "$OUT/versions.json")"
-"$PY" - <<'EOF' || exit 2
-import sys
-from importlib.metadata import version
+# the versions it runs with, recorded; it stops here, in one line, if transformers or peft is older than the bounds
+"$PY" - "$OUT/versions.json" <<'EOF' || { log "versions: $(cat "$OUT/versions.json")"; exit 2; }
+import json, sys
+import peft, torch, transformers
 from attnrl_core.doctor import MIN_VERSIONS, _version_tuple
-old = [f"{p} {version(p)} < {MIN_VERSIONS[p]}" for p in ("transformers", "peft")
-       if _version_tuple(version(p)) < _version_tuple(MIN_VERSIONS[p])]
+found = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+open(sys.argv[1], "w").write(json.dumps({**found, "cuda": torch.cuda.is_available()}))
+old = [f"{p} {found[p]} < {MIN_VERSIONS[p]}" for p in ("transformers", "peft")
+       if _version_tuple(found[p]) < _version_tuple(MIN_VERSIONS[p])]
 if old:
     sys.exit(f"gpu_proof: {', '.join(old)}: bring newer wheels with WHEELS=DIR (README 'On a GPU')")
 EOF
+log "versions: $(cat "$OUT/versions.json")"
 
 if [[ $DRY == 1 ]]; then
   TINY=(--tiny); ROWS=2; CAP=0
