@@ -3,7 +3,7 @@
 Bad input ends with one line naming the problem and the fix, exit code 2, and nothing written. Each
 command imports its module when it runs, so `--help` and a refused flag answer without loading torch.
 Imports attnrl_core.config (and, per command, .run, .assets, .evaluate, .diagnostics, .rundir, .experiment,
-.bench, .memory or .doctor).
+.bench, .memory, .retrieval or .doctor).
 """
 
 from __future__ import annotations
@@ -183,6 +183,33 @@ def _cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_retrieval(args: argparse.Namespace) -> int:
+    """Self-retrieval of the similarity on held-out articles: a pair's key written as the query."""
+    if getattr(args, "preset", None) is None and not getattr(args, "config", None):
+        args.preset = "embedded"  # a diagnostic for the workbench's own model unless told otherwise
+    cfg = config_from_args(args)
+    from .retrieval import (format_sweep, heldout_keys, load_for_retrieval, plot_sweep, self_retrieval, sweep)
+
+    model, tokenizer = load_for_retrieval(cfg, args.run_dir)
+    batch = heldout_keys(cfg, tokenizer, args.num_articles, args.windows_per_article)
+    if args.sweep:
+        rows = sweep(model, batch)
+        print(format_sweep(rows))
+        if args.figure:
+            plot_sweep(rows, chance=1 / (cfg.num_kv_pairs - 1)).savefig(args.figure, dpi=120, bbox_inches="tight")
+            print(f"written: {args.figure}")
+        result: dict | list = rows
+    else:
+        result = self_retrieval(model, batch, cfg)
+        print(f"layer {cfg.similarity_layer}, readout {cfg.similarity_readout}, temperature {cfg.temperature:g}: own "
+              f"pair first in {result['top1']:.3f} of {result['queries']} queries ({result['units']} units, "
+              f"{result['articles']} articles; chance {1 / result['candidates']:.3f}), p(own) x candidates "
+              f"{result['probability_ratio']:.2f}, entropy {result['entropy']:.3f} of uniform")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import format_table, run_checks
 
@@ -293,6 +320,22 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--json", action="store_true", help="print one JSON object")
     add_config_arguments(memory)
     memory.set_defaults(func=_cmd_memory)
+    ret = sub.add_parser("retrieval", help="does the similarity find a pair from its own key? (held-out articles)",
+                         description="Each held-out pair's key text is written as the query (the path a generated "
+                                     "query takes) and scored against its article's keys: top1, p(own) x candidates, "
+                                     "entropy at the setting the flags give (SPEC's without them), or --sweep over "
+                                     "every layer x temperatures 1, 2, 4, 8 x readouts. Every TrainConfig field is a "
+                                     "flag; the preset defaults to embedded.")
+    ret.add_argument("--run_dir", default=None, help="score a run's newest valid adapter (default: the base model)")
+    ret.add_argument("--sweep", action="store_true", help="every layer x temperature x readout, as a table")
+    ret.add_argument("--figure", default=None, help="with --sweep: draw top1 by layer to this PNG")
+    ret.add_argument("--num_articles", type=_count_or_all, default=0,
+                     help="held-out articles (0 or all: every one of a local corpus)")
+    ret.add_argument("--windows_per_article", type=_positive, default=4,
+                     help="non-overlapping windows per held-out article, where it is long enough (each a unit)")
+    ret.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    add_config_arguments(ret)
+    ret.set_defaults(func=_cmd_retrieval)
     doctor = sub.add_parser("doctor", help="check the environment and say what to fix")
     doctor.add_argument("--output_dir", default="runs", help="where checkpoints will go (disk space check)")
     doctor.set_defaults(func=_cmd_doctor)

@@ -117,7 +117,8 @@ def _benchmark(cfg: TrainConfig, preset: str, device: torch.device, skip_naive: 
         model, tokenizer = load_policy(cfg, device)
     sep, geo = encode_separators(tokenizer), head_geometry(model)
     params = sum(p.numel() for p in model.parameters())
-    batch = next(iter_key_value_batches(cfg, tokenizer, key_embedding_fn(model, device, layer=cfg.similarity_layer)))
+    embed = key_embedding_fn(model, device, layer=cfg.similarity_layer, how=cfg.similarity_readout)
+    batch = next(iter_key_value_batches(cfg, tokenizer, embed))
     B = batch.batch_size
     kwargs = dict(**rollout_options(cfg), greedy=True)  # greedy: the naive path must choose the same pairs
 

@@ -70,6 +70,9 @@ class TrainConfig:
     temperature: float = _f(1.0, "similarity temperature: scores are multiplied by it (larger = sharper)")
     query_temperature: float = _f(1.0, "sampling temperature of query tokens (policy and counterfactual)")
     similarity_layer: int = _f(-1, "decoder layer whose q_proj/k_proj embed queries and keys (-1: the last, SPEC's)")
+    similarity_readout: str = _f("mean", "how a query's and a key's tokens are compared: mean (SPEC's: the average "
+                                 "projection of each) | last (the last token's projection of each) | max (late "
+                                 "interaction, ColBERT's: for each query token its best key token, averaged)")
     # --- RL ---------------------------------------------------------------------------------
     learning_rate: float = _f(2e-4, "8-bit Adam learning rate")
     max_grad_norm: float = _f(1.0, "gradient norm clip")
@@ -100,6 +103,10 @@ class TrainConfig:
                                   "LM likelihood of each candidate: no counterfactual query's noise in the target)")
     choice_target_temperature: float = _f(0.1, "τ of choice_target_weight's target softmax(r_candidates / τ), in nats "
                                           "of the per-step reward (smaller = nearer the best pair alone)")
+    training_oracle: int = _f(0, "1: the rollout also scores every pair left at every step (the per-step oracle's "
+                              "pass, on whenever choice_target_weight > 0), so the training batch's oracle_fraction "
+                              "is logged: how much of the best pair's reward the choice gets; costs one scoring pass "
+                              "of the pairs left per step")
     kl_reference: str = _f("previous", "KL penalty against: previous (SPEC's: the policy that rolled the batch out) | "
                            "base (the adapter-disabled base model, TRL's and verl's reference)")
     reward_baseline: str = _f("none", "subtracted from the reward in the loss: none (SPEC's) | running_mean (of the "
@@ -167,6 +174,8 @@ class TrainConfig:
         need(self.choice_target_temperature > 0, "choice_target_temperature", "> 0")
         need(self.kl_reference in ("previous", "base"), "kl_reference", "previous or base")
         need(self.compile in (0, 1), "compile", "0 or 1")
+        need(self.training_oracle in (0, 1), "training_oracle", "0 or 1")
+        need(self.similarity_readout in ("mean", "last", "max"), "similarity_readout", "mean, last or max")
         need(self.choice_target_reach in ("q_proj", "below"), "choice_target_reach", "q_proj or below")
         need(self.choice_target_score in ("reward", "logprob"), "choice_target_score", "reward or logprob")
         need(self.reward_baseline in ("none", "running_mean", "leave_one_out"), "reward_baseline",

@@ -112,7 +112,7 @@ class KeyValueBatch:
     pool: torch.Tensor  # [B, P] pair indices in 1..N-1, distinct per row
     article_ids: list[str]
     titles: list[str]
-    key_embeddings: torch.Tensor | None = None  # [B, N, Hkv*D], added by `add_embeddings`
+    key_embeddings: torch.Tensor | None = None  # [B, N, Hkv*D] ([B, N, Tk, Hkv*D] per token), by `add_embeddings`
     position: DataPosition = field(default_factory=DataPosition)  # stream position after this batch
 
     def __post_init__(self) -> None:
@@ -157,12 +157,13 @@ def iter_pair_batches(tokenized: Iterable[tuple[dict, torch.Tensor]], cfg: Train
 
 def add_embeddings(batches: Iterable[KeyValueBatch],
                    embed_fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[KeyValueBatch]:
-    """Attach key embeddings, computed once per batch: `embed_fn` maps [M, Tk] token ids to [M, E]."""
+    """Attach key embeddings, computed once per batch: `embed_fn` maps [M, Tk] token ids to [M, E] (or to
+    [M, Tk, E] for the per-token readout)."""
     for batch in batches:
         B, N, Tk = batch.key_tokens.shape
-        emb = embed_fn(batch.key_tokens.reshape(B * N, Tk))  # [B*N, E]
-        assert emb.ndim == 2 and emb.shape[0] == B * N, emb.shape
-        batch.key_embeddings = emb.view(B, N, -1)
+        emb = embed_fn(batch.key_tokens.reshape(B * N, Tk))  # [B*N, E] or [B*N, Tk, E]
+        assert emb.shape[0] == B * N and (emb.ndim == 2 or emb.shape[1] == Tk), emb.shape
+        batch.key_embeddings = emb.view(B, N, *emb.shape[1:])
         yield batch
 
 

@@ -202,7 +202,7 @@ def _evaluate_checkpoint(cfg: TrainConfig, run_dir: Path, path: Path, device: to
                          progress: bool) -> dict:
     model, tokenizer = load_policy(cfg, device)
     load_adapter(path, model)
-    embed = key_embedding_fn(model, device, layer=cfg.similarity_layer)
+    embed = key_embedding_fn(model, device, layer=cfg.similarity_layer, how=cfg.similarity_readout)
     batch = heldout_batch(cfg, tokenizer, embed, num_articles, seed, windows_per_article, samples_per_article)
     units = batch.batch_size // samples_per_article
     results = compare_methods(model, batch, encode_separators(tokenizer), head_geometry(model), cfg, seed,

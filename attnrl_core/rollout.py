@@ -115,14 +115,16 @@ def score_candidates(model: nn.Module, cache: BufferedCache, last_query_token: t
 def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGeometry, *,
             tokens_per_query: int, similarity_temperature: float = 1.0, query_temperature: float = 1.0,
             greedy: bool = False, selector: str = "attention", generator: torch.Generator | None = None,
-            oracle: bool = False, similarity_layer: int = -1, global_rows: Rows | None = None,
+            oracle: bool = False, similarity_layer: int = -1, similarity_readout: str = "mean",
+            global_rows: Rows | None = None,
             keep_query_logits: bool = True, query_logits_out: torch.Tensor | None = None,
             decode_step: DecodeStep | None = None) -> Trajectory:
     """Generate B trajectories in lock-step; see the module docstring for the steps. `selector` swaps
     the attention selection for a baseline (`choose_pairs`); everything else stays the same. Every
     random draw comes from `generator` when given (on the batch's device), else the global generator.
     `oracle` also scores every pair left at every step (`score_candidates`, for evaluation);
-    `similarity_layer` is the layer whose q_proj embeds the query (the keys' must match); `global_rows`,
+    `similarity_layer` is the layer whose q_proj embeds the query and `similarity_readout` how its tokens are read
+    (the keys' must match); `global_rows`,
     which rows of a global batch this batch is (a rank's share or a chunk; `distributed.global_draw`): the
     draws are the global batch's, so a trajectory does not depend on how the batch was split.
     `keep_query_logits` False drops the policy's sampling logits ([B, P*Tq, V], the update's previous
@@ -169,7 +171,8 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
                                         decode_step=decode_step)  # [2B, Tq], the policy's [B, Tq, V]
         query, cf = queries[:B], queries[B:]
         # 2. the query's embedding scores the keys left in the pool
-        probs = compute_similarity(query_embeddings(model, query, similarity_layer), batch.key_embeddings,
+        probs = compute_similarity(query_embeddings(model, query, similarity_layer, how=similarity_readout),
+                                   batch.key_embeddings,
                                    geo.num_query_heads, geo.num_kv_heads, similarity_temperature, available)  # [B, N]
         # 3. draw a pair without replacement
         if oracle:
@@ -209,7 +212,8 @@ def rollout_options(cfg: TrainConfig, decode_step: DecodeStep | None = None) -> 
     """`rollout`'s keywords from a config (training, evaluation and the bench roll out alike); `decode_step`:
     the run's `DecodeStep` (`decode_step_for`), passed on when there is one."""
     options = dict(tokens_per_query=cfg.tokens_per_query, similarity_temperature=cfg.temperature,
-                   query_temperature=cfg.query_temperature, similarity_layer=cfg.similarity_layer)
+                   query_temperature=cfg.query_temperature, similarity_layer=cfg.similarity_layer,
+                   similarity_readout=cfg.similarity_readout)
     return options if decode_step is None else {**options, "decode_step": decode_step}
 
 

@@ -137,7 +137,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, out: Path, ckpt: Path | None, device:
     ranks.sync_rng(device)  # a GPU's state is rank 0's device's, whichever device a rank uses
     if ranks.main:
         write_config(out, cfg)
-    embed = key_embedding_fn(model, device, layer=cfg.similarity_layer)
+    embed = key_embedding_fn(model, device, layer=cfg.similarity_layer, how=cfg.similarity_readout)
     batches = _rank_batches(cfg, tokenizer, embed, data_start, ranks)
     sizes = FallbackState(cfg.generation_batch_size // ranks.world, cfg.training_batch_size,
                           cfg.gradient_accumulation_steps)
@@ -165,7 +165,8 @@ def _train(cfg: TrainConfig, ranks: Ranks, out: Path, ckpt: Path | None, device:
                 batch, mine = next(batches)
                 # 2-3. trajectories and rewards; every rank rolls out its rows and sees the whole batch's
                 local = rollout_resilient(model, mine, sep, geo, sizes, describe, rows=ranks.rows(batch.batch_size),
-                                          oracle=cfg.choice_target_weight > 0, **rollout_options(cfg, decode))
+                                          oracle=cfg.choice_target_weight > 0 or bool(cfg.training_oracle),
+                                          **rollout_options(cfg, decode))
                 traj = local.gathered(batch, ranks)
                 t1 = time.perf_counter()
                 # 4-6. filtering, then the policy update on the selected trajectories

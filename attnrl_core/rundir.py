@@ -151,7 +151,9 @@ def selection_diagnostics(traj: "Trajectory") -> dict:
     null where undefined (every step forced, or a pool of one pair)."""
     values = {"selection_entropy": selection_entropy(traj.probabilities, traj.available_counts),
               "selection_top_ratio": selection_top_ratio(traj.probabilities, traj.available_counts),
-              "key_cosine": key_cosine(traj.batch.key_embeddings, traj.batch.pool),
+              # per-token keys (the late-interaction readout) compared by their mean, as SPEC's pooled keys are
+              "key_cosine": key_cosine(keys if (keys := traj.batch.key_embeddings).ndim == 3 else keys.mean(dim=2),
+                                       traj.batch.pool),
               "query_distinct": query_distinct(traj.queries)}
     return {k: v if math.isfinite(v) else None for k, v in values.items()}
 

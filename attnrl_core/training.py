@@ -42,13 +42,15 @@ from .trajectory import Trajectory
 
 # -- 5. the loss: the maths is in `loss`; here what needs the model ----------------------------------
 def trajectory_choice_logprob(model: nn.Module, trajectory: Trajectory, rows: torch.Tensor,
-                              similarity_temperature: float, similarity_layer: int) -> torch.Tensor:
+                              similarity_temperature: float, similarity_layer: int,
+                              similarity_readout: str = "mean") -> torch.Tensor:
     """[n]: sum over steps of log p(chosen pair | query) of trajectories `rows`, with gradient through the
     adapter (`choice_in_loss`). Rollout tensors are cloned into ordinary ones for autograd."""
     device = trajectory.queries.device
     keys = trajectory.batch.key_embeddings.to(device)[rows.to(device)].clone()
     return choice_logprob(model, trajectory.queries[rows].clone(), keys, trajectory.available[rows].clone(),
-                          trajectory.choices[rows].clone(), similarity_temperature, similarity_layer).sum(dim=1)
+                          trajectory.choices[rows].clone(), similarity_temperature, similarity_layer,
+                          similarity_readout).sum(dim=1)
 
 
 def query_logits(model: nn.Module, tokens: torch.Tensor, query_positions: torch.Tensor,
@@ -118,7 +120,8 @@ def micro_batch_terms(model: nn.Module, trajectory: Trajectory, rows: torch.Tens
     model.train()
     hidden = forward_hidden(model, tokens[:, :end], None, positions - 1)  # [n, M (+ value positions), H]
     head = model.get_output_embeddings()
-    choice = (trajectory_choice_logprob(model, trajectory, rows, o["similarity_temperature"], o["similarity_layer"])
+    choice = (trajectory_choice_logprob(model, trajectory, rows, o["similarity_temperature"], o["similarity_layer"],
+                                        o.get("similarity_readout", "mean"))
               if o["choice_in_loss"] else None)
     terms = chunked_reinforce_loss(hidden[:, :M], head, reference, tokens[:, positions[:M]], rewards, o["beta"],
                                    o["query_temperature"], choice)
@@ -154,7 +157,8 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory
                   beta: float = 0.1, max_grad_norm: float = 1.0, query_temperature: float = 1.0,
                   rewards: torch.Tensor | None = None, kl_reference: str = "previous", value_nll_weight: float = 0.0,
                   choice_in_loss: bool = False, similarity_temperature: float = 1.0,
-                  similarity_layer: int = -1, ranks: Ranks | None = None) -> UpdateResult | None:
+                  similarity_layer: int = -1, similarity_readout: str = "mean",
+                  ranks: Ranks | None = None) -> UpdateResult | None:
     """One update phase over the selected trajectories; None when nothing was selected.
 
     An optimizer step covers up to `training_batch_size * gradient_accumulation_steps` trajectories
@@ -188,7 +192,8 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory
     positions = positions.to(tokens_all.device)
     options = dict(beta=beta, query_temperature=query_temperature, kl_reference=kl_reference,
                    value_nll_weight=value_nll_weight, choice_in_loss=choice_in_loss,
-                   similarity_temperature=similarity_temperature, similarity_layer=similarity_layer)
+                   similarity_temperature=similarity_temperature, similarity_layer=similarity_layer,
+                   similarity_readout=similarity_readout)
     previous = None if trajectory.query_logits is not None else [p.detach().clone() for p in params]
     sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "value_nll": 0.0}  # weighted by trajectories
     micro_kl, norms, skipped = [], [], 0
@@ -234,7 +239,8 @@ class ChoiceStepResult:
 
 def choice_target_step(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory: Trajectory, *, weight: float,
                        target_temperature: float, training_batch_size: int, max_grad_norm: float = 1.0,
-                       similarity_temperature: float = 1.0, similarity_layer: int = -1, steps: int = 1,
+                       similarity_temperature: float = 1.0, similarity_layer: int = -1,
+                       similarity_readout: str = "mean", steps: int = 1,
                        reach: str = "q_proj", score: str = "reward", ranks: Ranks | None = None) -> ChoiceStepResult:
     """The selection objective's optimizer steps (`choice_target_weight`, `choice_target_steps`): `steps` times,
     weight x the mean over *every* trajectory of the batch of `loss.choice_target_kl` (the target does not depend
@@ -264,7 +270,7 @@ def choice_target_step(model: nn.Module, optimizer: torch.optim.Optimizer, traje
         kl_sum = 0.0
         for mb in torch.arange(B, device=device).split(training_batch_size):
             probs = selection_probabilities(model, queries[mb], keys[mb], available[mb], similarity_temperature,
-                                            similarity_layer, reach)  # [n, P, N]
+                                            similarity_layer, reach, similarity_readout)  # [n, P, N]
             kl = choice_target_kl(probs, rewards[mb], target_temperature)  # [n]
             (weight * kl.sum() / total).backward()
             kl_sum += kl.sum().item()
@@ -315,7 +321,7 @@ def update_options(cfg: TrainConfig) -> dict:
     return dict(beta=cfg.kl_beta, max_grad_norm=cfg.max_grad_norm, query_temperature=cfg.query_temperature,
                 kl_reference=cfg.kl_reference, value_nll_weight=cfg.value_nll_weight,
                 choice_in_loss=bool(cfg.choice_in_loss), similarity_temperature=cfg.temperature,
-                similarity_layer=cfg.similarity_layer)
+                similarity_layer=cfg.similarity_layer, similarity_readout=cfg.similarity_readout)
 
 
 def choice_target_options(cfg: TrainConfig) -> dict | None:
@@ -324,7 +330,8 @@ def choice_target_options(cfg: TrainConfig) -> dict | None:
         return None
     return dict(weight=cfg.choice_target_weight, target_temperature=cfg.choice_target_temperature,
                 max_grad_norm=cfg.max_grad_norm, similarity_temperature=cfg.temperature,
-                similarity_layer=cfg.similarity_layer, steps=cfg.choice_target_steps, reach=cfg.choice_target_reach,
+                similarity_layer=cfg.similarity_layer, similarity_readout=cfg.similarity_readout,
+                steps=cfg.choice_target_steps, reach=cfg.choice_target_reach,
                 score=cfg.choice_target_score)
 
 
