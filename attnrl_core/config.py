@@ -103,6 +103,10 @@ class TrainConfig:
                                   "LM likelihood of each candidate: no counterfactual query's noise in the target)")
     choice_target_temperature: float = _f(0.1, "τ of choice_target_weight's target softmax(r_candidates / τ), in nats "
                                           "of the per-step reward (smaller = nearer the best pair alone)")
+    counterfactual_samples: int = _f(1, "K: the reward's second term is the base model's value log-prob averaged "
+                                     "over K counterfactual queries, drawn in the same batched passes (K blocks of "
+                                     "base-model rows: about (1 + K) / 2 x the rollout's compute and KV cache); 1 is "
+                                     "SPEC's single counterfactual")
     training_oracle: int = _f(0, "1: the rollout also scores every pair left at every step (the per-step oracle's "
                               "pass, on whenever choice_target_weight > 0), so the training batch's oracle_fraction "
                               "is logged: how much of the best pair's reward the choice gets; costs one scoring pass "
@@ -175,6 +179,7 @@ class TrainConfig:
         need(self.kl_reference in ("previous", "base"), "kl_reference", "previous or base")
         need(self.compile in (0, 1), "compile", "0 or 1")
         need(self.training_oracle in (0, 1), "training_oracle", "0 or 1")
+        need(self.counterfactual_samples >= 1, "counterfactual_samples", "an integer >= 1 (1: SPEC's)")
         need(self.similarity_readout in ("mean", "last", "max"), "similarity_readout", "mean, last or max")
         need(self.choice_target_reach in ("q_proj", "below"), "choice_target_reach", "q_proj or below")
         need(self.choice_target_score in ("reward", "logprob"), "choice_target_score", "reward or logprob")

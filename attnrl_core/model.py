@@ -190,13 +190,14 @@ def base_model(model: nn.Module):
         yield model
 
 
-def policy_and_base(model: nn.Module, B: int, device: torch.device | None = None) -> torch.Tensor | None:
-    """Which rows of one batch of 2B rows the adapter applies to: [2B] float, 1 on the first B (the policy), 0 on
-    the rest (the pre-trained model), for `row_adapter`. None for a model without an adapter, where both halves
-    are the same model anyway (as in `base_model`)."""
+def policy_and_base(model: nn.Module, B: int, device: torch.device | None = None, base_copies: int = 1
+                    ) -> torch.Tensor | None:
+    """Which rows of one batch of (1 + base_copies) B rows the adapter applies to: [(1 + base_copies) B] float, 1 on
+    the first B (the policy), 0 on the rest (the pre-trained model, `base_copies` blocks of B), for `row_adapter`.
+    None for a model without an adapter, where all blocks are the same model anyway (as in `base_model`)."""
     if not hasattr(model, "disable_adapter"):
         return None
-    return torch.cat([torch.ones(B, device=device), torch.zeros(B, device=device)])
+    return torch.cat([torch.ones(B, device=device), torch.zeros(base_copies * B, device=device)])
 
 
 def _lora_layers(model: nn.Module) -> list[nn.Module]:

@@ -5,7 +5,8 @@ For a batch of B articles, in lock-step (every row has the same length at every 
   0. The context starts as [BOS] ` Query:` key_0 ` Response:` value_0 (pair 0 is the in-context example).
   For each of the P steps:
   1. The policy (adapter on) samples exactly `tokens_per_query` tokens after ` Query:`; in the same
-     forward passes the base model (adapter off) samples the counterfactual query from the same context.
+     forward passes the base model (adapter off) samples the counterfactual query from the same context
+     (K of them with `counterfactual_samples` K: K copies of the base model's rows, each its own draw).
   2. The query's last-layer q_proj embedding scores the keys still in the pool (`compute_similarity`).
   3. A pair is sampled from that distribution and removed from the pool.
   4. ` Response:` value is scored after each query, by its own model, in one forward pass: the policy's
@@ -13,7 +14,7 @@ For a batch of B articles, in lock-step (every row has the same length at every 
      extends its context.
   5. The base model's rows roll back and read the policy's query and value instead (scoring the value
      there too: the reward's split into what the adapter and what the query contributed).
-  6. r_t = mean log p_policy(value) - mean log p_base(value | counterfactual query).
+  6. r_t = mean log p_policy(value) - mean log p_base(value | counterfactual query) (averaged over the K).
 
 DESIGN.md §4's two KV caches are the two halves of one: policy and base model share every forward
 pass, 2B rows, the adapter applied to the first B only (`model.row_adapter`: its delta times a row mask), so
@@ -41,9 +42,14 @@ from .trajectory import Trajectory
 
 
 def calculate_reward(policy_logprobs: torch.Tensor, base_logprobs: torch.Tensor) -> torch.Tensor:
-    """DESIGN.md §2.5: mean over value tokens of the policy's log-probs minus the base model's. [B, T] -> [B]."""
-    assert policy_logprobs.shape == base_logprobs.shape, (policy_logprobs.shape, base_logprobs.shape)
-    return policy_logprobs.mean(dim=-1) - base_logprobs.mean(dim=-1)
+    """DESIGN.md §2.5: mean over value tokens of the policy's log-probs minus the base model's. [B, T] -> [B];
+    base_logprobs [K*B, T] (K counterfactual queries per row, block k = rows k*B..(k+1)*B-1): minus the mean over
+    the K of the base model's mean log-prob."""
+    B = policy_logprobs.shape[0]
+    assert base_logprobs.shape[1:] == policy_logprobs.shape[1:] and base_logprobs.shape[0] % B == 0, \
+        (policy_logprobs.shape, base_logprobs.shape)
+    base = base_logprobs.mean(dim=-1)
+    return policy_logprobs.mean(dim=-1) - (base if base.shape[0] == B else base.view(-1, B).mean(dim=0))
 
 
 def initial_context(batch: KeyValueBatch, sep: Separators, device: torch.device) -> torch.Tensor:
@@ -87,21 +93,23 @@ def score_candidates(model: nn.Module, cache: BufferedCache, last_query_token: t
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """The oracle's view of a step: the reward [B, N] every pair still in the pool would earn, and the policy's
     mean log-prob [B, N] of its value within that reward (NaN for the pairs not left), each value scored after
-    the policy's query and, by the base model, after its counterfactual.
+    the policy's query and, by the base model, after its counterfactual(s).
 
-    The 2B rows of `cache` (policy, then base; each at context + ` Query:` + its query but the last
-    token, `last_query_token` [2B, 1]) are copied K = pairs left times and read ` Response:` value_k in
+    The (1 + C) B rows of `cache` (policy, then C blocks of the base model's; each at context + ` Query:` + its
+    query but the last token, `last_query_token` [(1 + C) B, 1]) are copied K = pairs left times and read
+    ` Response:` value_k in
     one pass: the context is never re-encoded. `cache` itself is left as it was. `left`: the pairs left in every
     row's pool (the same at every row: one pair leaves each pool per step), known on the host, so that nothing
     here waits for the device.
     """
     B, N = available.shape
     K = left
+    blocks = last_query_token.shape[0] // B  # 1 + counterfactual samples
     rows = torch.arange(B, device=available.device)
     # [B, K] pair indices, ascending: a stable sort puts the available ones first, in order (no `nonzero`)
     candidates = torch.argsort((~available).to(torch.uint8), dim=1, stable=True)[:, :K]
-    target = values[rows[:, None], candidates].reshape(B * K, -1).repeat(2, 1)  # [2BK, Tv]: policy, then base
-    prefix = torch.cat([last_query_token, r_sep], dim=1).repeat_interleave(K, dim=0)  # [2BK, 1 + Sr]
+    target = values[rows[:, None], candidates].reshape(B * K, -1).repeat(blocks, 1)  # [(1+C)BK, Tv]: policy, base
+    prefix = torch.cat([last_query_token, r_sep], dim=1).repeat_interleave(K, dim=0)  # [(1+C)BK, 1 + Sr]
     names = None if both is None else both.repeat_interleave(K)  # the adapter on the policy's copies only
     scored = score_continuation(model, cache.repeated(K, prefix.shape[1] + target.shape[1]), prefix, target, names)
     reward = calculate_reward(scored[:B * K], scored[B * K:]).view(B, K)
@@ -118,7 +126,7 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
             oracle: bool = False, similarity_layer: int = -1, similarity_readout: str = "mean",
             global_rows: Rows | None = None,
             keep_query_logits: bool = True, query_logits_out: torch.Tensor | None = None,
-            decode_step: DecodeStep | None = None) -> Trajectory:
+            decode_step: DecodeStep | None = None, counterfactual_samples: int = 1) -> Trajectory:
     """Generate B trajectories in lock-step; see the module docstring for the steps. `selector` swaps
     the attention selection for a baseline (`choose_pairs`); everything else stays the same. Every
     random draw comes from `generator` when given (on the batch's device), else the global generator.
@@ -130,7 +138,12 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
     `keep_query_logits` False drops the policy's sampling logits ([B, P*Tq, V], the update's previous
     policy) from a rollout that will not train (evaluation's methods); `query_logits_out` [B, P*Tq, V], when
     given, is where they are written (a chunk's rows of the whole batch's buffer, `resilience`). `decode_step`
-    (`--compile`): the queries' single-token steps run as its fixed-shape, compiled step, on its cache buffers."""
+    (`--compile`): the queries' single-token steps run as its fixed-shape, compiled step, on its cache buffers.
+    `counterfactual_samples` C: the base model writes C counterfactual queries per row (C blocks of base rows in
+    the same passes) and the reward subtracts the mean of its value log-probs after them; the trajectory keeps
+    the first block's queries as `counterfactuals`. C = 1 is SPEC's reward, draw for draw."""
+    assert counterfactual_samples >= 1, counterfactual_samples
+    C = counterfactual_samples
     assert global_rows is None or global_rows.size == batch.batch_size, (global_rows, batch.batch_size)
     assert batch.key_embeddings is not None, "run the batch through data.add_embeddings first"
     was_training = model.training
@@ -147,10 +160,10 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
     context = initial_context(batch, sep, device)  # [B, L0]
     L0 = context.shape[1]
     step_length = q_sep.shape[1] + Tq + r_sep.shape[1] + values.shape[2]
-    both = policy_and_base(model, B, device)  # rows [0, B): the policy; rows [B, 2B): the base model
+    both = policy_and_base(model, B, device, C)  # rows [0, B): the policy; rows [B, (1+C)B): the base model
     cache = BufferedCache(model.config, L0 + P * step_length) if decode_step is None else \
         decode_step.cache(model.config, L0 + P * step_length)
-    forward_logits(model, context.repeat(2, 1), cache, 1, both)
+    forward_logits(model, context.repeat(1 + C, 1), cache, 1, both)
 
     chunks = [context]
     # [B, P*Tq, V] float32 (what the update reads): every step's sampling logits written in place
@@ -164,38 +177,40 @@ def rollout(model: nn.Module, batch: KeyValueBatch, sep: Separators, geo: HeadGe
     candidate_rewards, candidate_logprobs = [], []
     for t in range(P):
         # 1. the policy writes a query; the base model writes the counterfactual in the same passes
-        queries, _ = sample_tokens(model, cache, q_sep.repeat(2, 1), Tq, query_temperature, greedy, both,
+        queries, _ = sample_tokens(model, cache, q_sep.repeat(1 + C, 1), Tq, query_temperature, greedy, both,
                                         keep_logits=B if keep_query_logits else 0, generator=generator,
                                         rows=global_rows, logits_out=None if query_logits is None
                                         else query_logits[:, t * Tq:(t + 1) * Tq],
-                                        decode_step=decode_step)  # [2B, Tq], the policy's [B, Tq, V]
-        query, cf = queries[:B], queries[B:]
+                                        decode_step=decode_step)  # [(1+C)B, Tq], the policy's [B, Tq, V]
+        query, cf = queries[:B], queries[B:2 * B]
         # 2. the query's embedding scores the keys left in the pool
         probs = compute_similarity(query_embeddings(model, query, similarity_layer, how=similarity_readout),
                                    batch.key_embeddings,
                                    geo.num_query_heads, geo.num_kv_heads, similarity_temperature, available)  # [B, N]
         # 3. draw a pair without replacement
         if oracle:
-            reward, logprob = score_candidates(model, cache, queries[:, -1:], r_sep.repeat(2, 1), values, available, both,
-                                               P - t)
+            reward, logprob = score_candidates(model, cache, queries[:, -1:], r_sep.repeat(1 + C, 1), values, available,
+                                               both, P - t)
             candidate_rewards.append(reward)
             candidate_logprobs.append(logprob)
         choice, probs = choose_pairs(probs, available, selector, greedy, generator, global_rows)  # [B], [B, N]
         available[rows, choice] = False
         value = values[rows, choice]  # [B, Tv]
         # 4. each model scores the value after its own query; the policy's pass extends its context
-        scored = score_continuation(model, cache, torch.cat([queries[:, -1:], r_sep.repeat(2, 1)], dim=1),
-                                    value.repeat(2, 1), both)  # [2B, Tv]
-        policy_lp, base_lp = scored[:B], scored[B:]
-        # 5. the base model's rows roll back to context + ` Query:` and read the policy's query and value
+        scored = score_continuation(model, cache, torch.cat([queries[:, -1:], r_sep.repeat(1 + C, 1)], dim=1),
+                                    value.repeat(1 + C, 1), both)  # [(1+C)B, Tv]
+        policy_lp, base_lp = scored[:B], scored[B:]  # [B, Tv], [C*B, Tv]
+        # 5. the base model's rows roll back to context + ` Query:` and read the policy's query and value (every
+        # block: all C stay copies of the policy's context)
         appended = torch.cat([query, r_sep, value], dim=1)
         with base_model(model):  # the value's log-prob in this pass splits the reward (adapter vs query)
-            base_same = score_tail(model, cache.rows(slice(B, 2 * B), cache.get_seq_length() - appended.shape[1]),
-                                   appended, value.shape[1])
+            base_same = score_tail(model, cache.rows(slice(B, (1 + C) * B), cache.get_seq_length() - appended.shape[1]),
+                                   appended.repeat(C, 1), value.shape[1])[:B]
         chunks += [q_sep, query, r_sep, value]
         # 6. the reward
         for name, x in zip(fields, (query, cf, choice, probs[rows, choice], probs, policy_lp.mean(dim=1),
-                                    base_lp.mean(dim=1), calculate_reward(policy_lp, base_lp), base_same.mean(dim=1))):
+                                    base_lp.mean(dim=1).view(C, B).mean(dim=0), calculate_reward(policy_lp, base_lp),
+                                    base_same.mean(dim=1))):
             fields[name].append(x)
 
     tokens = torch.cat(chunks, dim=1)  # [B, L]
@@ -213,7 +228,7 @@ def rollout_options(cfg: TrainConfig, decode_step: DecodeStep | None = None) -> 
     the run's `DecodeStep` (`decode_step_for`), passed on when there is one."""
     options = dict(tokens_per_query=cfg.tokens_per_query, similarity_temperature=cfg.temperature,
                    query_temperature=cfg.query_temperature, similarity_layer=cfg.similarity_layer,
-                   similarity_readout=cfg.similarity_readout)
+                   similarity_readout=cfg.similarity_readout, counterfactual_samples=cfg.counterfactual_samples)
     return options if decode_step is None else {**options, "decode_step": decode_step}
 
 

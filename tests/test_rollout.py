@@ -235,3 +235,47 @@ def test_a_seeded_generator_decides_every_draw_and_leaves_the_global_one_alone(p
                     generator=torch.Generator().manual_seed(7)) for _ in range(2)]
     assert torch.equal(torch.get_rng_state(), before)
     assert torch.equal(runs[0].queries, runs[1].queries) and torch.equal(runs[0].choices, runs[1].choices)
+
+
+def test_calculate_reward_averages_k_counterfactual_blocks():
+    policy_lp = torch.tensor([[-1.0, -1.0], [-2.0, -2.0]])
+    base_lp = torch.tensor([[-2.0, -2.0], [-1.0, -1.0], [-4.0, -4.0], [-3.0, -3.0]])  # block 0 then block 1
+    torch.testing.assert_close(calculate_reward(policy_lp, base_lp), torch.tensor([2.0, 0.0]))
+
+
+def test_k_counterfactual_queries_average_the_base_models_value_logprob(policy, monkeypatch):
+    """counterfactual_samples 2: every step's sampling pass writes the policy's queries and two blocks of the base
+    model's; the reward's base term is the mean of the base model's value log-prob after each (as re-encoding the
+    context with that query gives), the oracle's candidate reward of the chosen pair is the reward, and the
+    base model's rows stay copies of the policy's context (the next step's counterfactuals read it)."""
+    import attnrl_core.rollout as rollout_module
+
+    captured, real = [], rollout_module.sample_tokens
+    monkeypatch.setattr(rollout_module, "sample_tokens",
+                        lambda *a, **k: captured.append(real(*a, **k)) or captured[-1])
+    cfg = tiny_config(num_kv_pairs=8, subset_fraction=0.5)
+    batch = make_batch(policy, cfg)
+    torch.manual_seed(0)
+    traj = rollout(policy, batch, SEP, head_geometry(policy), tokens_per_query=cfg.tokens_per_query, oracle=True,
+                   counterfactual_samples=2)
+    B, P, Tv = traj.batch_size, traj.num_steps, cfg.tokens_per_value
+    assert len(captured) == P
+    q, r = SEP.query.expand(B, -1), SEP.response.expand(B, -1)
+    different = False
+    with torch.no_grad():
+        for t in range(P):
+            queries = captured[t][0]  # [3B, Tq]
+            assert queries.shape == (3 * B, cfg.tokens_per_query)
+            assert torch.equal(queries[:B], traj.queries[:, t]) and torch.equal(queries[B:2 * B], traj.counterfactuals[:, t])
+            different |= not torch.equal(queries[B:2 * B], queries[2 * B:])
+            ctx = traj.tokens[:, :traj.initial_length + t * traj.step_length]
+            value = batch.value_tokens[torch.arange(B), traj.choices[:, t]]
+            with base_model(policy):
+                base = torch.stack([_naive_value_logprob(policy, torch.cat([ctx, q, cf, r, value], 1), Tv)
+                                    for cf in (queries[B:2 * B], queries[2 * B:])]).mean(0)
+            torch.testing.assert_close(traj.base_logprob[:, t], base, rtol=1e-4, atol=1e-4)
+    assert different  # two draws, not one repeated
+    torch.testing.assert_close(traj.rewards, traj.policy_logprob - traj.base_logprob)
+    torch.testing.assert_close(traj.candidate_rewards.gather(2, traj.choices[..., None]).squeeze(-1), traj.rewards,
+                               rtol=1e-4, atol=1e-4)
+
