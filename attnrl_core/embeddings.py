@@ -197,8 +197,10 @@ def choice_logprob(model: nn.Module, queries: torch.Tensor, key_emb: torch.Tenso
 
 @torch.no_grad()
 def model_similarity(model: nn.Module, query_tokens: torch.Tensor, key_emb: torch.Tensor,
-                     temperature: float = 1.0, available: torch.Tensor | None = None) -> torch.Tensor:
-    """Convenience for notebooks: per-head probabilities [B, Hq, K] of query tokens against key embeddings."""
+                     temperature: float = 1.0, available: torch.Tensor | None = None, layer: int = -1,
+                     how: str = "mean") -> torch.Tensor:
+    """Convenience for notebooks: per-head probabilities [B, Hq, K] of query tokens against key embeddings (made
+    at the same `layer` with the same readout `how`)."""
     geo = head_geometry(model)
-    q = query_embeddings(model, query_tokens)
+    q = query_embeddings(model, query_tokens, layer, how=how)
     return head_probabilities(q, key_emb, geo.num_query_heads, geo.num_kv_heads, temperature, available)

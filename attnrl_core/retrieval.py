@@ -138,24 +138,30 @@ def format_sweep(rows: list[dict]) -> str:
 
 
 def plot_sweep(rows: list[dict], chance: float | None = None):
-    """Top-1 self-retrieval by layer, one panel per readout, a line per temperature."""
+    """Self-retrieval by layer, one column per readout, a line per temperature: the share of queries whose own pair
+    ranks first (top row) and p(own pair) x candidates (bottom row: what sampling from the distribution gets)."""
     readouts = list(dict.fromkeys(r["readout"] for r in rows))
     temperatures = sorted({r["temperature"] for r in rows})
-    fig, axes = plt.subplots(1, len(readouts), figsize=(4.2 * len(readouts), 3.4), sharey=True, squeeze=False)
-    for ax, how in zip(axes[0], readouts):
+    fig, axes = plt.subplots(2, len(readouts), figsize=(4.2 * len(readouts), 6.2), sharey="row", sharex=True,
+                             squeeze=False)
+    for col, how in enumerate(readouts):
         for temperature in temperatures:
             sel = sorted((r for r in rows if r["readout"] == how and r["temperature"] == temperature),
                          key=lambda r: r["layer"])
-            ax.plot([r["layer"] for r in sel], [r["top1"] for r in sel], marker=".", label=f"temperature {temperature:g}")
+            for row, key in enumerate(("top1", "probability_ratio")):
+                axes[row][col].plot([r["layer"] for r in sel], [r[key] for r in sel], marker=".",
+                                    label=f"temperature {temperature:g}")
         if chance is not None:
-            ax.axhline(chance, color="grey", lw=0.8, ls=":", label="chance")
-        ax.set_title(f"readout: {how}")
-        ax.set_xlabel("similarity layer")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
+            axes[0][col].axhline(chance, color="grey", lw=0.8, ls=":", label="chance")
+        axes[1][col].axhline(1.0, color="grey", lw=0.8, ls=":", label="uniform")
+        axes[0][col].set_title(f"readout: {how}")
+        axes[1][col].set_xlabel("similarity layer")
+        axes[0][col].set_ylim(0, 1)
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("own pair ranked first (share)")
+    axes[1][0].set_ylabel("p(own pair) x candidates")
     axes[0][-1].legend(fontsize=8, loc="upper left")
     fig.suptitle("Self-retrieval on held-out articles: a pair's key written as the query", fontsize=10)
     fig.tight_layout()
     return fig
-
