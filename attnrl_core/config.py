@@ -92,6 +92,11 @@ class TrainConfig:
                                      "step (the per-step oracle's pass) and the selection is trained toward the pairs "
                                      "that would have earned most, choice_target_steps extra optimizer steps per "
                                      "episode (REPLUG's LM-supervised retrieval; a change to SPEC's method; 0: off)")
+    hindsight_weight: float = _f(0.0, "λ > 0 adds, over every rolled-out trajectory, λ x the policy's mean NLL of the "
+                                 "best-scored pair's key (by choice_target_score, among the pairs left at that "
+                                 "step) written as that step's query, one optimizer step per episode: hindsight on the "
+                                 "query (LeReT's), so the policy learns to write what the similarity retrieves "
+                                 "(the per-step oracle's pass scores the pairs; a change to SPEC's method; 0: off)")
     choice_target_steps: int = _f(1, "optimizer steps of the selection objective per episode, each on the whole "
                                   "rolled-out batch (its target is fixed by the rollout, so repeated steps fit it)")
     choice_target_reach: str = _f("q_proj", "what the selection objective trains: q_proj (the adapter on the similarity "
@@ -175,6 +180,7 @@ class TrainConfig:
         need(self.gradient_checkpointing in (0, 1), "gradient_checkpointing", "0 or 1")
         need(self.value_nll_weight >= 0, "value_nll_weight", ">= 0")
         need(self.choice_target_weight >= 0, "choice_target_weight", ">= 0")
+        need(self.hindsight_weight >= 0, "hindsight_weight", ">= 0")
         need(self.choice_target_temperature > 0, "choice_target_temperature", "> 0")
         need(self.kl_reference in ("previous", "base"), "kl_reference", "previous or base")
         need(self.compile in (0, 1), "compile", "0 or 1")

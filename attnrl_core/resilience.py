@@ -24,7 +24,8 @@ from .host import free_memory
 from .model import adapter_parameters
 from .rollout import rollout
 from .trajectory import Trajectory
-from .training import ChoiceStepResult, UpdateResult, choice_target_step, load_values, update_policy
+from .training import (ChoiceStepResult, HindsightResult, UpdateResult, choice_target_step, hindsight_step, load_values,
+                       update_policy)
 
 log = logging.getLogger("attnrl")
 
@@ -97,10 +98,11 @@ def rollout_resilient(model, batch, sep, geo, state: FallbackState, describe_har
 
 
 def update_resilient(model, optimizer, trajectory, selected, state: FallbackState, describe_hardware,
-                     choice_target: dict | None = None, **kwargs) -> tuple[UpdateResult | None, ChoiceStepResult | None]:
+                     choice_target: dict | None = None, hindsight: dict | None = None, **kwargs
+                     ) -> tuple[UpdateResult | None, ChoiceStepResult | None, HindsightResult | None]:
     """The update phase (`update_policy` on the selected trajectories, then, with `choice_target`, the
-    selection objective's step over every trajectory, `choice_target_step`), redone from its start with half
-    the micro-batch after an out-of-memory."""
+    selection objective's step over every trajectory, `choice_target_step`, and with `hindsight` the query's
+    hindsight step, `hindsight_step`), redone from its start with half the micro-batch after an out-of-memory."""
     params = adapter_parameters(model)
     saved_params = [p.detach().clone() for p in params]
     saved_optimizer = copy.deepcopy(optimizer.state_dict())
@@ -111,7 +113,10 @@ def update_resilient(model, optimizer, trajectory, selected, state: FallbackStat
             choice = None if choice_target is None else choice_target_step(
                 model, optimizer, trajectory, training_batch_size=state.micro_batch, **choice_target,
                 ranks=kwargs.get("ranks"))
-            return upd, choice
+            written = None if hindsight is None else hindsight_step(
+                model, optimizer, trajectory, training_batch_size=state.micro_batch, **hindsight,
+                ranks=kwargs.get("ranks"))
+            return upd, choice, written
         except Exception as e:  # noqa: BLE001
             if not is_out_of_memory(e):
                 raise

@@ -39,7 +39,7 @@ from .tracking import Trackers, parse_report_to
 from .filtering import RunningStats, filter_batch, warmup_episodes, warmup_message
 from .loss import advantages
 from .memory import GB, ModelShape, SequenceShape, choose_sizes
-from .training import choice_target_options, make_optimizer, read_length, update_options
+from .training import choice_target_options, hindsight_options, make_optimizer, read_length, update_options
 from .viz import save_run_figures
 
 log = logging.getLogger("attnrl")
@@ -165,22 +165,25 @@ def _train(cfg: TrainConfig, ranks: Ranks, out: Path, ckpt: Path | None, device:
                 batch, mine = next(batches)
                 # 2-3. trajectories and rewards; every rank rolls out its rows and sees the whole batch's
                 local = rollout_resilient(model, mine, sep, geo, sizes, describe, rows=ranks.rows(batch.batch_size),
-                                          oracle=cfg.choice_target_weight > 0 or bool(cfg.training_oracle),
+                                          oracle=cfg.choice_target_weight > 0 or cfg.hindsight_weight > 0 or
+                                          bool(cfg.training_oracle),
                                           **rollout_options(cfg, decode))
                 traj = local.gathered(batch, ranks)
                 t1 = time.perf_counter()
                 # 4-6. filtering, then the policy update on the selected trajectories
-                finite, selected, threshold, advantage, upd, choice = _filter_and_update(
+                finite, selected, threshold, advantage, upd, choice, written = _filter_and_update(
                     cfg, episode, model, optimizer, traj, local, stats, sizes, describe, ranks, device)
                 t2 = time.perf_counter()
-                nonfinite_streak = _nonfinite_streak(nonfinite_streak, finite and not (choice and choice.skipped), upd,
+                nonfinite_streak = _nonfinite_streak(nonfinite_streak, finite and not (choice and choice.skipped)
+                                                     and not (written and written.skipped), upd,
                                                      cfg.max_nonfinite)
                 stopping = ranks.any(stop.signal is not None)
                 if ranks.main:  # 7. logging and checkpoints
                     metrics = episode_metrics(episode, traj, selected, threshold, upd, stats, finite, (t1 - t0, t2 - t1),
                                               _tokens_read(traj, selected, upd, local.query_logits is None), advantage,
                                               devices=ranks.world, peak_memory_bytes=peak_memory_bytes(device),
-                                              **choice_metrics(local, choice, cfg.choice_target_score), **vars(sizes))
+                                              **choice_metrics(local, choice, cfg.choice_target_score, written),
+                                              **vars(sizes))
                     if heldout is not None and (episode % cfg.eval_every == 0 or episode == cfg.num_episodes):
                         metrics.update(trained_policy_score(model, heldout, sep, geo, cfg))
                     _write_logs(out, trackers, metrics, trajectory_records(traj, tokenizer, episode, selected))
@@ -221,19 +224,21 @@ def _filter_and_update(cfg: TrainConfig, episode: int, model, optimizer, traj, l
                        sizes: FallbackState, describe, ranks: Ranks, device: torch.device):
     """Steps 4-6 on the global batch `traj` (`local`: this rank's rows of it): the filter against the statistics
     before this batch, the batch added to them, the update (and the selection objective's step over every
-    trajectory, when it is on). (finite, selected, threshold, advantage, update, choice step)."""
+    trajectory, when it is on, and the query's hindsight step). (finite, selected, threshold, advantage, update,
+    choice step, hindsight step)."""
     rewards = traj.avg_reward.float().cpu()
     finite = bool(torch.isfinite(rewards).all())
     selected, threshold = filter_batch(rewards, stats, cfg.warmup_trajectories, cfg.filter_num_sd)
     advantage = advantages(rewards, cfg.reward_baseline, stats.mean, cfg.trajectories_per_article)
     if not finite:
         log.warning("episode %d: non-finite reward; update skipped, statistics unchanged", episode)
-        return finite, torch.zeros_like(selected), threshold, advantage, None, None
+        return finite, torch.zeros_like(selected), threshold, advantage, None, None, None
     stats.update(rewards)
-    upd, choice = update_resilient(model, optimizer, local, selected, sizes, describe, rewards=advantage, ranks=ranks,
-                                   choice_target=choice_target_options(cfg), **update_options(cfg))
+    upd, choice, written = update_resilient(model, optimizer, local, selected, sizes, describe, rewards=advantage,
+                                            ranks=ranks, choice_target=choice_target_options(cfg),
+                                            hindsight=hindsight_options(cfg), **update_options(cfg))
     ranks.sync_rng(device)  # the update's dropout draws differ between ranks
-    return finite, selected, threshold, advantage, upd, choice
+    return finite, selected, threshold, advantage, upd, choice, written
 
 
 def planned_sizes(cfg: TrainConfig, model, sep, memory_bytes: int, world: int = 1) -> FallbackState:

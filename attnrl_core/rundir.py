@@ -31,7 +31,7 @@ from .filtering import warmup_message
 if TYPE_CHECKING:
     from .trajectory import Trajectory
     from .filtering import RunningStats
-    from .training import ChoiceStepResult, UpdateResult
+    from .training import ChoiceStepResult, HindsightResult, UpdateResult
 
 METRICS = {
     "episode": "episode number, from 1",
@@ -90,6 +90,8 @@ METRICS = {
     "choice_grad_norm": "pre-clip gradient norm of the selection objective's first step (only with choice_target_weight > 0)",
     "choice_kl_last": "choice_kl measured in the last of the episode's choice_target_steps passes, before that step "
                       "(equal to choice_kl for one step; only with choice_target_weight > 0)",
+    "hindsight_nll": "hindsight on the query: mean over trajectories of the sum over steps of the policy's mean NLL of "
+                     "the best-scored pair's key as the query, before its step (only with hindsight_weight > 0)",
     "eval_reward": "held-out reward of the trained policy (only every eval_every episodes)",
     "eval_logprob": "held-out mean value log-prob of the trained policy (only every eval_every episodes)",
 }
@@ -130,10 +132,11 @@ def episode_metrics(episode: int, traj: "Trajectory", selected: torch.Tensor, th
     return row
 
 
-def choice_metrics(traj: "Trajectory", choice: "ChoiceStepResult | None", score: str = "reward") -> dict:
-    """oracle_fraction, target_oracle_fraction, choice_kl, choice_grad_norm and choice_kl_last (METRICS) of a batch
-    rolled out with its candidates scored and of the selection objective's step (whose target is `score`,
-    `choice_target_score`); null where absent."""
+def choice_metrics(traj: "Trajectory", choice: "ChoiceStepResult | None", score: str = "reward",
+                   hindsight: "HindsightResult | None" = None) -> dict:
+    """oracle_fraction, target_oracle_fraction, choice_kl, choice_grad_norm, choice_kl_last and hindsight_nll
+    (METRICS) of a batch rolled out with its candidates scored, of the selection objective's step (whose target is
+    `score`, `choice_target_score`) and of the query's hindsight step; null where absent."""
     fractions = {"oracle_fraction": None, "target_oracle_fraction": None}
     if traj.candidate_rewards is not None:
         for name, s in (("oracle_fraction", "reward"), ("target_oracle_fraction", score)):
@@ -143,7 +146,8 @@ def choice_metrics(traj: "Trajectory", choice: "ChoiceStepResult | None", score:
             fractions[name] = fraction if math.isfinite(fraction) else None
     return {**fractions, "choice_kl": choice.kl if choice else None,
             "choice_grad_norm": choice.grad_norm if choice else None,
-            "choice_kl_last": choice.kl_last if choice else None}
+            "choice_kl_last": choice.kl_last if choice else None,
+            "hindsight_nll": hindsight.nll if hindsight else None}
 
 
 def selection_diagnostics(traj: "Trajectory") -> dict:

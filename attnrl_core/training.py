@@ -29,6 +29,7 @@ from typing import Callable
 
 import bitsandbytes as bnb
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
@@ -289,6 +290,63 @@ def choice_target_step(model: nn.Module, optimizer: torch.optim.Optimizer, traje
     return ChoiceStepResult(first[0], first[1], skipped, kl_sum / total)
 
 
+@dataclass
+class HindsightResult:
+    nll: float  # mean over the batch's trajectories of the sum over steps of the best key's mean NLL, before the step
+    grad_norm: float  # pre-clip
+    skipped: bool  # the loss or gradient was not finite: the step was not taken
+
+
+def hindsight_targets(trajectory: Trajectory, score: str = "reward") -> torch.Tensor:
+    """[B, P, Tk]: at every step the key tokens of the pair left that scores best (`Trajectory.candidate_scores`:
+    what the per-step oracle's pass measured for each pair after the policy's own query)."""
+    cand = trajectory.candidate_scores(score)[1]  # [B, P, N], NaN where not left
+    best = cand.nan_to_num(float("-inf")).argmax(dim=2)  # [B, P]
+    keys = trajectory.batch.key_tokens.to(best.device)  # [B, N, Tk]
+    return keys.gather(1, best[..., None].expand(-1, -1, keys.shape[2]))
+
+
+def hindsight_step(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory: Trajectory, *, weight: float,
+                   training_batch_size: int, max_grad_norm: float = 1.0, score: str = "reward",
+                   ranks: Ranks | None = None) -> HindsightResult:
+    """Hindsight on the query (`hindsight_weight`, LeReT-style): one optimizer step on weight x the mean over *every*
+    trajectory of the batch of the sum over steps of the policy's mean NLL of the best-scored pair's key
+    (`hindsight_targets`, its first `tokens_per_query` tokens) written after that step's ` Query:`, in the step's
+    context as the rollout built it. The oracle's pass already knows which pair would have earned most after the
+    policy's query; this teaches the policy to write that pair's key, which a similarity that retrieves (EXPERIMENTS.md
+    §7's sweep) then picks. Steps are read in micro-batches of `training_batch_size` rows, one forward pass per step
+    (every row of a step has the same context length); the gradient reaches every adapter. With `ranks`,
+    `trajectory` holds this rank's rows and the gradients are summed over the ranks."""
+    ranks = ranks or Ranks()
+    params = adapter_parameters(model)
+    device = trajectory.tokens.device
+    B, P, Tq = trajectory.queries.shape
+    total = B * ranks.world
+    tokens = trajectory.tokens.clone()  # rollout tensors are inference tensors
+    targets = hindsight_targets(trajectory, score).to(device)[..., :Tq].clone()  # [B, P, <=Tq]
+    T = targets.shape[2]
+    optimizer.zero_grad(set_to_none=True)
+    model.train()
+    nll_sum = 0.0
+    for t in range(P):
+        start = trajectory.initial_length + t * trajectory.step_length + trajectory.query_offset  # after ` Query:`
+        for mb in torch.arange(B, device=device).split(training_batch_size):
+            ids = torch.cat([tokens[mb, :start], targets[mb, t]], dim=1)  # [n, start + T]
+            logits = model(input_ids=ids, use_cache=False, logits_to_keep=T + 1).logits[:, :-1].float()  # [n, T, V]
+            nll = F.cross_entropy(logits.transpose(1, 2), targets[mb, t], reduction="none").mean(dim=1)  # [n]
+            (weight * nll.sum() / total).backward()
+            nll_sum += nll.detach().sum().item()
+    reached = [p for p in params if p.grad is not None]
+    ranks.sum_gradients(reached)
+    nll_sum = ranks.sum([nll_sum])[0]
+    norm = torch.nn.utils.clip_grad_norm_(reached, max_grad_norm).item()
+    skipped = not (math.isfinite(nll_sum) and math.isfinite(norm))
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return HindsightResult(nll_sum / total, norm, skipped)
+
+
 def _reference(model: nn.Module, trajectory: Trajectory, rows: torch.Tensor, tokens: torch.Tensor,
                positions: torch.Tensor, end: int, params: list[nn.Parameter], previous: list[torch.Tensor] | None,
                kl_reference: str) -> Callable[[int, int], torch.Tensor]:
@@ -333,6 +391,13 @@ def choice_target_options(cfg: TrainConfig) -> dict | None:
                 similarity_layer=cfg.similarity_layer, similarity_readout=cfg.similarity_readout,
                 steps=cfg.choice_target_steps, reach=cfg.choice_target_reach,
                 score=cfg.choice_target_score)
+
+
+def hindsight_options(cfg: TrainConfig) -> dict | None:
+    """`hindsight_step`'s keywords from a config; None when hindsight on the query is off (SPEC's)."""
+    if not cfg.hindsight_weight:
+        return None
+    return dict(weight=cfg.hindsight_weight, max_grad_norm=cfg.max_grad_norm, score=cfg.choice_target_score)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

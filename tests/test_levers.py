@@ -231,9 +231,9 @@ def test_the_update_phase_takes_the_selection_step_over_every_trajectory_even_wh
     cfg = tiny_config(num_kv_pairs=8, choice_target_weight=1.0, temperature=3.0)  # the rollout's temperature
     traj = _choice_rollout(policy, cfg)
     before, _ = _selection_kl(policy, traj, cfg.choice_target_temperature)
-    upd, choice = update_resilient(policy, make_optimizer(policy, cfg), traj, torch.zeros(4, dtype=torch.bool),
-                                   FallbackState(4, 2, 1), str, choice_target=choice_target_options(cfg),
-                                   similarity_temperature=3.0)
+    upd, choice, _ = update_resilient(policy, make_optimizer(policy, cfg), traj, torch.zeros(4, dtype=torch.bool),
+                                      FallbackState(4, 2, 1), str, choice_target=choice_target_options(cfg),
+                                      similarity_temperature=3.0)
     assert upd is None and choice is not None and choice.kl == pytest.approx(before, rel=1e-5)
     assert _selection_kl(policy, traj, cfg.choice_target_temperature)[0] < before  # the step was taken
     metrics = choice_metrics(traj, choice)
@@ -244,7 +244,7 @@ def test_the_update_phase_takes_the_selection_step_over_every_trajectory_even_wh
     assert metrics["target_oracle_fraction"] == metrics["oracle_fraction"]  # the target is the reward
     assert choice_metrics(_rollout(policy, cfg), None) == {"oracle_fraction": None, "target_oracle_fraction": None,
                                                           "choice_kl": None, "choice_grad_norm": None,
-                                                          "choice_kl_last": None}
+                                                          "choice_kl_last": None, "hindsight_nll": None}
 
 
 def test_a_logprob_target_fits_the_policys_value_logprob_of_each_pair_and_logs_its_own_oracle_fraction(policy):

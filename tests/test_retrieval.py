@@ -169,3 +169,46 @@ def test_readout_and_training_oracle_are_validated_and_default_to_spec():
         TrainConfig.from_preset("embedded", similarity_readout="median")
     with pytest.raises(ValueError, match="training_oracle"):
         TrainConfig.from_preset("embedded", training_oracle=2)
+
+
+# -- hindsight on the query ---------------------------------------------------------------------------------------
+def _naive_hindsight_nll(model, traj, targets):
+    """Per trajectory, the sum over steps of the mean NLL of targets[:, t] written after step t's ` Query:`, one
+    sequence at a time."""
+    out = torch.zeros(traj.batch_size)
+    for b in range(traj.batch_size):
+        for t in range(traj.num_steps):
+            start = traj.initial_length + t * traj.step_length + traj.query_offset
+            ids = torch.cat([traj.tokens[b, :start], targets[b, t]])[None]
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, start - 1:-1].float(), -1)
+            out[b] -= logp.gather(1, targets[b, t, :, None]).mean()
+    return out
+
+
+def test_hindsight_targets_the_best_scored_pairs_key_and_its_step_lowers_that_nll(policy):
+    from attnrl_core.model import head_geometry
+    from attnrl_core.rollout import rollout
+    from attnrl_core.training import hindsight_options, hindsight_step, hindsight_targets, make_optimizer
+
+    from .conftest import SEP, make_batch
+
+    cfg = tiny_config(num_kv_pairs=8, tokens_per_key=3, hindsight_weight=1.0, learning_rate=1e-2)
+    batch = make_batch(policy, cfg)
+    torch.manual_seed(0)
+    traj = rollout(policy, batch, SEP, head_geometry(policy), tokens_per_query=cfg.tokens_per_query, oracle=True)
+    targets = hindsight_targets(traj)
+    cand = traj.candidate_rewards
+    for b in range(traj.batch_size):
+        for t in range(traj.num_steps):
+            left = (~cand[b, t].isnan()).nonzero()[:, 0]
+            best = left[cand[b, t, left].argmax()]
+            assert torch.equal(targets[b, t], batch.key_tokens[b, best])
+    policy.eval()  # dropout is 0 in tiny_config: train and eval passes agree
+    with torch.no_grad():
+        before = _naive_hindsight_nll(policy, traj, targets)
+    result = hindsight_step(policy, make_optimizer(policy, cfg), traj, training_batch_size=3, **hindsight_options(cfg))
+    assert result.nll == pytest.approx(before.mean().item(), rel=1e-4) and not result.skipped
+    with torch.no_grad():
+        after = _naive_hindsight_nll(policy, traj, targets)
+    assert after.mean() < before.mean()  # the step moved the policy toward writing those keys
+    assert hindsight_options(TrainConfig()) is None and TrainConfig().hindsight_weight == 0.0
