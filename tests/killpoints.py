@@ -148,7 +148,7 @@ def _child(point: str | None, count: int, args: list[str], log: str) -> None:
     sys.exit(cli_main(args))
 
 
-def run_child(point: str | None, count: int, args: list[str], timeout: float = 600, log: Path | None = None) -> int:
+def run_child(point: str | None, count: int, args: list[str], timeout: float = 1800, log: Path | None = None) -> int:
     """Run the CLI in a child (killed at `point` if given); its exit code (-9 when killed). Its output goes
     to `log` when given (to say why a resume failed), else nowhere."""
     proc = _FORKS.Process(target=_child, args=(point, count, args, str(log) if log else os.devnull))
@@ -172,9 +172,10 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def wait_for_line(proc: subprocess.Popen, text: str, timeout: float = 240) -> str:
+def wait_for_line(proc: subprocess.Popen, text: str, timeout: float = 1800) -> str:
     """Block until the child writes a stderr line containing `text` (it logs each checkpoint and, with
-    --log_every 1, each episode); fail if it exits first or `timeout` passes. Reads the raw pipe, so no
+    --log_every 1, each episode); fail if it exits first or `timeout` passes (a guard against a hang, far past
+    a loaded machine's time, not a time limit). Reads the raw pipe, so no
     line waits in a Python buffer while `select` sees nothing new."""
     deadline, pending = time.monotonic() + timeout, b""
     fd = proc.stderr.fileno()
