@@ -2,10 +2,13 @@
 
 The selection diagnostics summarise how peaked the policy's distribution over keys is, how
 similar the keys in a pool are and how varied the generated queries are; the paired
-statistics give bootstrap intervals for per-unit comparisons between two methods, resampling
-clusters (a unit's article) rather than units when units of one article are not independent;
-the learning check's figures compare a run's first and last episodes and test its trend with an
-autocorrelation-robust standard error. This
+statistics give intervals for per-unit comparisons between two methods over *clusters* (a unit's article:
+units of one article are not independent): by default a cluster-robust t (CR1, articles - 1 degrees of
+freedom; the oracle fraction, a ratio of sums, by its linearisation), which covers at the 13-45 articles we
+have, and as a named option the percentile cluster bootstrap, which under-covers there (`tests/
+test_coverage.py` simulates both); `power` gives the smallest effect detectable at 80% and the articles 80%
+power needs. The learning check's figures compare a run's first and last episodes and test its trend by a t
+on the slope of block means, which holds its size on autocorrelated episodes. This
 module imports nothing from attnrl_core, so it can be used on saved tensors or arrays
 without loading a model or a configuration.
 """
@@ -153,22 +156,57 @@ def bootstrap_ci(values: np.ndarray, num_samples: int = 2000, seed: int = 0, lev
     return _percentile_ci(weights @ per_unit / weights.sum(axis=1), level)
 
 
+METHODS = ("t", "bootstrap")
+
+
+def _cluster_index(clusters, units: int) -> tuple[np.ndarray, int]:
+    """[U] each unit's cluster as 0..C-1, and C (None: every unit its own cluster)."""
+    labels = np.arange(units) if clusters is None else np.asarray(clusters)
+    _require(labels.shape == (units,), f"clusters must label each of the {units} units, got shape {labels.shape}")
+    _, index = np.unique(labels, return_inverse=True)
+    return index.reshape(-1), int(index.max()) + 1
+
+
+def cluster_t(scores: np.ndarray, clusters, denominator: float, level: float = 0.95) -> dict:
+    """A cluster-robust (CR1) standard error of an estimate whose influence on each unit is `scores` [U] (they
+    sum to 0) divided by `denominator`: SE = sqrt(C / (C - 1) * sum_c (sum of cluster c's scores)^2) / denominator,
+    with a t quantile on C - 1 degrees of freedom (C clusters). For a mean over U units, scores = x - mean and
+    denominator = U; with one unit per cluster it is the ordinary t interval's SE."""
+    index, C = _cluster_index(clusters, scores.shape[0])
+    _require(C >= 2, "need at least 2 clusters (articles) for an interval")
+    totals = np.bincount(index, weights=scores, minlength=C)
+    se = math.sqrt(C / (C - 1) * float(totals @ totals)) / abs(denominator)
+    return {"se": se, "df": C - 1, "t": float(stats.t.ppf(0.5 + level / 2, C - 1))}
+
+
 def paired_difference(a: np.ndarray, b: np.ndarray, num_samples: int = 2000, seed: int = 0,
-                      clusters=None) -> dict:
-    """Mean of a - b with a bootstrap CI (over `clusters` when given: see `bootstrap_ci`); a, b [U]."""
+                      clusters=None, method: str = "t") -> dict:
+    """Mean of a - b over units [U] with a 95% interval over `clusters` (each unit's article; None: units):
+    method "t", the cluster-robust t (`cluster_t`, articles - 1 df), or "bootstrap", the percentile cluster
+    bootstrap of `bootstrap_ci` (it under-covers at a dozen articles: kept to compare)."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     _require(a.shape == b.shape, f"a and b must have the same shape, got {a.shape} and {b.shape}")
     _require(a.ndim >= 1 and a.shape[0] > 0, "a and b are empty")
-    diff = a - b
-    lo, hi = bootstrap_ci(diff, num_samples=num_samples, seed=seed, clusters=clusters)
-    return {"mean": float(diff.mean()), "ci": [lo, hi], "units": int(diff.shape[0]),
-            "articles": int(diff.shape[0] if clusters is None else len(set(np.asarray(clusters).tolist())))}
+    _require(method in METHODS, f"method {method!r} is unknown: use t or bootstrap")
+    diff = (a - b).reshape(a.shape[0], -1).mean(axis=1)
+    mean = float(diff.mean())
+    articles = int(diff.shape[0] if clusters is None else len(set(np.asarray(clusters).tolist())))
+    out = {"mean": mean, "units": int(diff.shape[0]), "articles": articles, "method": method}
+    if method == "bootstrap":
+        return {**out, "ci": list(bootstrap_ci(diff, num_samples=num_samples, seed=seed, clusters=clusters))}
+    if articles < 2:
+        return {**out, "ci": [math.nan, math.nan], "se": math.nan, "df": 0}
+    t = cluster_t(diff - mean, clusters, diff.shape[0])
+    half = t["t"] * t["se"]
+    return {**out, "ci": [mean - half, mean + half], "se": t["se"], "df": t["df"]}
 
 
 def oracle_fraction(chosen: np.ndarray, mean: np.ndarray, best: np.ndarray,
-                    num_samples: int = 2000, seed: int = 0, clusters=None) -> dict:
-    """Σ(chosen - mean) / Σ(best - mean) over units [U], with a bootstrap CI (over `clusters` when given).
+                    num_samples: int = 2000, seed: int = 0, clusters=None, method: str = "t") -> dict:
+    """Σ(chosen - mean) / Σ(best - mean) over units [U], with a 95% interval over `clusters` (None: units):
+    method "t", the ratio's linearisation (each unit's influence gain - f * spread, `cluster_t` over articles), or
+    "bootstrap", the percentile cluster bootstrap of the ratio.
 
     0 = no better than a uniformly random choice, 1 = the per-step oracle; nan if Σ(best - mean) = 0.
     """
@@ -177,34 +215,55 @@ def oracle_fraction(chosen: np.ndarray, mean: np.ndarray, best: np.ndarray,
     _require(chosen_a.ndim == 1 and chosen_a.shape[0] > 0, "chosen must be a non-empty [U] array")
     _require(mean_a.shape == chosen_a.shape and best_a.shape == chosen_a.shape,
              "chosen, mean and best must have the same shape")
+    _require(method in METHODS, f"method {method!r} is unknown: use t or bootstrap")
     gain = chosen_a - mean_a
     spread = best_a - mean_a
     # A ratio of sums rather than a mean of ratios: a unit whose spread is near 0 would
     # otherwise dominate with an arbitrarily large per-unit ratio.
     total = spread.sum()
     fraction = float(gain.sum() / total) if total != 0 else float("nan")
-    weights = _cluster_weights(clusters, gain.shape[0], num_samples, seed)  # [S, U]
-    num, den = weights @ gain, weights @ spread
-    keep = den != 0
-    ci = list(_percentile_ci(num[keep] / den[keep], 0.95)) if keep.any() else [math.nan, math.nan]
-    return {"fraction": fraction, "ci": ci, "best": float(best_a.mean()),
-            "mean": float(mean_a.mean()), "chosen": float(chosen_a.mean()), "units": int(gain.shape[0]),
-            "articles": int(gain.shape[0] if clusters is None else len(set(np.asarray(clusters).tolist())))}
+    articles = int(gain.shape[0] if clusters is None else len(set(np.asarray(clusters).tolist())))
+    out = {"fraction": fraction, "best": float(best_a.mean()), "mean": float(mean_a.mean()),
+           "chosen": float(chosen_a.mean()), "units": int(gain.shape[0]), "articles": articles, "method": method}
+    if method == "bootstrap":
+        weights = _cluster_weights(clusters, gain.shape[0], num_samples, seed)  # [S, U]
+        num, den = weights @ gain, weights @ spread
+        keep = den != 0
+        ci = list(_percentile_ci(num[keep] / den[keep], 0.95)) if keep.any() else [math.nan, math.nan]
+        return {**out, "ci": ci}
+    if total == 0 or articles < 2:
+        return {**out, "ci": [math.nan, math.nan], "se": math.nan, "df": max(articles - 1, 0)}
+    t = cluster_t(gain - fraction * spread, clusters, total)
+    half = t["t"] * t["se"]
+    return {**out, "ci": [fraction - half, fraction + half], "se": t["se"], "df": t["df"]}
 
 
-def articles_for_half_width(differences: np.ndarray, clusters, target: float = 0.01, level_z: float = 1.96) -> dict:
-    """Power of a paired comparison: from per-unit differences [U] and their articles, the between-article
-    SD of the per-article mean difference and how many articles (at the same windows and samples each) a
-    95% half-width of `target` needs: n = (z * SD / target)^2. None when fewer than 2 articles."""
-    d = np.asarray(differences, dtype=np.float64)
-    labels = np.asarray(clusters)
-    _require(d.ndim == 1 and labels.shape == d.shape, "differences and clusters must be [U] each")
-    per_article = np.array([d[labels == c].mean() for c in np.unique(labels)])
-    if per_article.size < 2:
-        return {"between_article_sd": None, "articles_needed": None, "target_half_width": target}
-    sd = float(per_article.std(ddof=1))
-    return {"between_article_sd": sd, "articles_needed": max(2, int(math.ceil((level_z * sd / target) ** 2))),
-            "target_half_width": target, "articles": int(per_article.size)}
+def articles_for_power(se: float, articles: int, effect: float, power: float = 0.8, level: float = 0.95) -> int | None:
+    """Articles a two-sided test at 1 - `level` needs for `power` against `effect`, from an SE measured on
+    `articles` articles (per-article SD = se * sqrt(articles), at the same windows and samples each): the smallest
+    n with (t_{1-a/2, n-1} + t_{power, n-1}) * SD / sqrt(n) <= effect. None when it cannot be estimated."""
+    if not (se > 0 and math.isfinite(se)) or articles < 2:
+        return None
+    sd = se * math.sqrt(articles)
+    n = 2
+    while (stats.t.ppf(0.5 + level / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n) > effect:
+        n += 1
+        if n > 1_000_000:
+            return None
+    return n
+
+
+def power_analysis(diff: dict, targets: tuple[float, ...] = (0.01, 0.02), power: float = 0.8, level: float = 0.95) -> dict:
+    """Power of a paired comparison from its `paired_difference(..., method="t")` result: the minimum detectable
+    effect at `power` and a two-sided 1 - `level` test, (t_{1-a/2, df} + t_{power, df}) * SE, and the articles
+    `articles_for_power` needs for each target effect. Nones when the SE is not defined (fewer than 2 articles,
+    or no spread)."""
+    se, df, n = diff.get("se", math.nan), diff.get("df", 0), diff["articles"]
+    ok = df >= 1 and se == se and se > 0
+    mde = float((stats.t.ppf(0.5 + level / 2, df) + stats.t.ppf(power, df)) * se) if ok else None
+    return {"minimum_detectable_effect": mde, "power": power, "level": level, "articles": n, "se": se if ok else None,
+            "between_article_sd": se * math.sqrt(n) if ok else None,
+            "articles_needed": {f"{t:g}": articles_for_power(se, n, t, power, level) if ok else None for t in targets}}
 
 
 def learning_figure(rewards, window: int = 20) -> dict:
@@ -226,32 +285,31 @@ def learning_figure(rewards, window: int = 20) -> dict:
             "z": diff / se if se > 0 else math.nan, **trend_hac(r)}
 
 
-def trend_hac(rewards) -> dict:
-    """The reward's linear trend over episodes with an autocorrelation-robust standard error.
-
-    A drifting policy makes neighbouring episodes' rewards correlated, so the first-vs-last z, which
-    treats episodes as independent, is too large. This fits reward = a + slope * episode by least squares
-    and estimates the slope's long-run variance with the equal-weighted cosine (EWC) estimator of Lazarus,
-    Lewis, Stock and Watson (2018): B = ceil(0.4 n^(2/3)) cosine projections of the slope's score, whose
-    t statistic is referred to a Student t distribution with B degrees of freedom. Its size is much nearer
-    nominal than the independent-episodes z for persistent series, though still above it: in simulation at
-    the 5% level it rejected 7-9% of uncorrelated and 9-12% of AR(1) (phi 0.6) runs of 60-100 episodes
-    without trend, against 26-55% for |z| > 2 at phi 0.5-0.8. `rewards` [E] per episode, NaN where skipped (dropped). Returns the slope per
-    episode, its SE, t_hac = slope / SE, the degrees of freedom and the two-sided p-value."""
+def trend_hac(rewards, blocks: int | None = None) -> dict:
+    """The reward's linear trend over episodes, tested so that autocorrelated episodes do not inflate it: the
+    episodes are cut into B consecutive blocks (B = 4 below 50 episodes, else 5), and a least-squares
+    line through the B block means (against each block's mean episode) gives the slope per episode, its
+    classical SE and a t on B - 2 degrees of freedom. Averaging a block absorbs most of the serial correlation
+    that makes the independent-episodes z (and the EWC long-run variance this replaced) reject a trend-free
+    series too often; the simulated sizes are in EXPERIMENTS.md §1. `rewards` [E] per episode, NaN where
+    skipped (dropped). The field names are kept from the EWC version (`slope_se_hac`, `t_hac`, `hac_dof`,
+    `p_hac`); `trend_test` names the test."""
     r = np.asarray([np.nan if x is None else x for x in rewards], dtype=np.float64)
     x = np.arange(r.shape[0], dtype=np.float64)[np.isfinite(r)]
     y = r[np.isfinite(r)]
     n = y.shape[0]
-    _require(n >= 4, "fewer than 4 finite rewards: too few for a trend")
-    xc = x - x.mean()
+    _require(n >= 8, "fewer than 8 finite rewards: too few for a trend over blocks")
+    B = blocks or (4 if n < 50 else 5)  # more blocks raise the size at phi = 0.6 (6 at n = 60: 6.5%, simulated)
+    _require(3 <= B <= n // 2, f"blocks={B} must be in 3..{n // 2}")
+    xb = np.array([part.mean() for part in np.array_split(x, B)])
+    yb = np.array([part.mean() for part in np.array_split(y, B)])
+    xc = xb - xb.mean()
     sxx = float(xc @ xc)
-    slope = float(xc @ (y - y.mean()) / sxx)
-    score = xc * (y - y.mean() - slope * xc)  # [n] the slope's estimating-equation terms
-    dof = min(n - 2, math.ceil(0.4 * n ** (2 / 3)))
-    j = np.arange(1, dof + 1)[:, None]
-    basis = math.sqrt(2.0 / n) * np.cos(math.pi * j * (np.arange(n)[None, :] + 0.5) / n)  # [B, n]
-    long_run = float(((basis @ score) ** 2).mean())
-    se = math.sqrt(n * long_run) / sxx
+    slope = float(xc @ (yb - yb.mean()) / sxx)
+    resid = yb - yb.mean() - slope * xc
+    dof = B - 2
+    se = math.sqrt(float(resid @ resid) / dof / sxx)
     t = slope / se if se > 0 else math.nan
     return {"slope": slope, "slope_se_hac": se, "t_hac": t, "hac_dof": int(dof),
-            "p_hac": float(2 * stats.t.sf(abs(t), dof)) if t == t else math.nan}
+            "p_hac": float(2 * stats.t.sf(abs(t), dof)) if t == t else math.nan,
+            "trend_test": f"t on the slope of {B} block means ({dof} df)"}

@@ -15,11 +15,13 @@ evaluation's `seed` draws the pools and the rollouts only. Every method draws fr
 `torch.Generator` seeded alike and consumes the same draws (common random numbers, never the global
 generators, so evaluating during training changes nothing in the run), on the same rows. The report
 gives the differences trained - baseline of the normalised reward (and of the value log-prob) with 95%
-bootstrap intervals over *articles* (an article's windows are not independent draws), the per-step
+intervals over *articles* (an article's windows are not independent draws: a cluster-robust t with articles - 1
+degrees of freedom, `diagnostics.paired_difference`), the per-step
 oracle (at every step the reward of every pair left is scored, given the trained policy's own history:
 `oracle.fraction` = sum(chosen - mean) / sum(best - mean) is the share of the per-step selection gain
 the trained policy captures; 0 = random, 1 = always the best pair of that step, which is not the best
-order), how many articles a half-width of 0.01 would need, and every unit's values so that any
+order; its interval by the ratio's linearisation), the power of trained - random (the smallest effect
+detectable at 80% and the articles 80% power at 0.01 and 0.02 needs), and every unit's values so that any
 interval can be recomputed.
 Imports attnrl_core.checkpoint, .config, .data, .diagnostics, .embeddings, .files, .host, .model,
 .rollout, .rundir, .training, .trajectory and .viz.
@@ -40,7 +42,7 @@ from tqdm.auto import tqdm
 from .checkpoint import latest_valid_checkpoint, load_adapter
 from .config import TrainConfig
 from .data import KeyValueBatch, add_embeddings, encode_separators, heldout_articles, iter_pair_batches
-from .diagnostics import articles_for_half_width, oracle_fraction, paired_difference, selection_entropy
+from .diagnostics import oracle_fraction, paired_difference, power_analysis, selection_entropy
 from .embeddings import key_embedding_fn
 from .files import atomic_write_text
 from .host import keep_freed_memory, share_cpu, sharing_cpu
@@ -145,10 +147,8 @@ def compare_methods(model, batch: KeyValueBatch, sep, geo, cfg: TrainConfig, see
         summary["oracle"] = oracle
         summary["per_unit"]["oracle"] = units
         if "random" in trajs:
-            diff = per_unit(trained.rewards, samples) - per_unit(trajs["random"].rewards, samples)
-            ci = summary["paired"]["trained-random"]["ci"]
-            summary["power"] = {"comparison": "trained-random", "half_width": (ci[1] - ci[0]) / 2,
-                                "samples_per_unit": samples, **articles_for_half_width(diff, articles)}
+            summary["power"] = {"comparison": "trained-random", "samples_per_unit": samples,
+                                **power_analysis(summary["paired"]["trained-random"])}
     return summary
 
 
@@ -223,27 +223,22 @@ def _evaluate_checkpoint(cfg: TrainConfig, run_dir: Path, path: Path, device: to
 
 
 def power_note(report: dict, min_articles: int = 10) -> str:
-    """Whether the report's intervals can mean anything, in one sentence for a reader: the articles evaluated
-    against the `articles_needed` (the report's `power`) for a 95% half-width of 0.01 on trained - random. Fewer
-    than `min_articles` never suffice: a bootstrap over 3 articles has only 10 distinct resamples."""
+    """Whether the report's intervals can mean anything, in one sentence for a reader: trained - random's minimum
+    detectable effect at 80% power (the report's `power`) and the articles 80% power against 0.02 and 0.01 nats
+    per token would need. Fewer than `min_articles` never suffice: a t over 3 articles has 2 degrees of freedom."""
     p, n = report.get("power", {}), report["articles"]
     head = f"{n} held-out articles x {report['samples_per_article']} samples: "
-    sd, need = p.get("between_article_sd"), p.get("articles_needed")
-    if sd is None:
-        sized = "too few articles to estimate the between-article spread"
-    elif sd == 0:
-        sized = ("trained and random scored the same on every unit (a near-uniform policy draws the pairs random "
-                 "draws), so there is no spread to size an interval from")
-    else:
-        sized = (f"trained-random's 95% half-width is {p['half_width']:.4f}; a half-width of {p['target_half_width']} "
-                 f"needs about {need} articles at these windows and samples")
-    if not sd or n < min_articles:
-        return head + sized + ("; too few for the intervals above to mean anything: read them as a check that the "
-                               f"comparison runs, and evaluate on {max(need or 0, min_articles)} or more articles for "
-                               "evidence.")
-    if need > n:
-        return head + sized + f"; differences smaller than about ±{p['half_width']:.3f} cannot be told from zero here."
-    return head + sized + "; these are enough."
+    mde, need = p.get("minimum_detectable_effect"), p.get("articles_needed") or {}
+    if mde is None:
+        sized = ("trained and random scored the same on every unit, or there are too few articles: no spread to size "
+                 "an interval from")
+        return head + sized + "; evaluate on more articles for evidence."
+    sized = (f"trained-random's smallest effect detectable at 80% power is {mde:.4f} nats/token; 80% power against "
+             f"0.02 needs about {need.get('0.02')} articles, against 0.01 about {need.get('0.01')}")
+    if n < min_articles:
+        return head + sized + "; too few articles for the intervals above to mean anything: read them as a check " \
+                              "that the comparison runs."
+    return head + sized + f"; differences smaller than about {mde:.3f} can go undetected here."
 
 
 def format_report(report: dict) -> str:

@@ -229,8 +229,9 @@ def report_rows(reports: dict[str, dict]) -> list[dict]:
         if "oracle" in r:
             o = r["oracle"]
             row["oracle fraction"] = f"{o['fraction']:+.2f} [{o['ci'][0]:+.2f}, {o['ci'][1]:+.2f}]"
-        width = r.get("power", {}).get("half_width")
-        row["trained-random half-width"] = None if width is None else round(width, 4)
+        # reports before the power analysis gave a half-width instead of a minimum detectable effect
+        mde = r.get("power", {}).get("minimum_detectable_effect")
+        row["trained-random detectable at 80%"] = None if mde is None else round(mde, 4)
         rows.append(row)
     return rows
 

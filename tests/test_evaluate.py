@@ -163,7 +163,10 @@ def test_evaluate_command_prints_the_table_and_the_json_report(small_run, capsys
     assert sum(units["trained"]["reward"]) / report["units"] - sum(units["random"]["reward"]) / report["units"] == \
         pytest.approx(report["paired"]["trained-random"]["mean"])
     assert set(units["oracle"]) == {"best", "mean", "chosen"} and "per step" in report["oracle"]["definition"]
-    assert report["power"]["articles"] == 3 and report["power"]["articles_needed"] >= 2
+    need = report["power"]["articles_needed"]  # None where trained and random chose alike (no spread)
+    assert report["power"]["articles"] == 3 and set(need) == {"0.01", "0.02"}
+    assert all(n is None or n >= 2 for n in need.values())
+    assert report["paired"]["trained-random"]["method"] == "t" and report["oracle"]["method"] == "t"
     assert "power:" in out and "per-step oracle" in out
 
 
@@ -176,10 +179,10 @@ def test_saved_reports_load_in_episode_order_and_tabulate_their_intervals(tmp_pa
     for episode, mean in ((10, 0.5), (2, -0.25)):  # episode-10 sorts before episode-2 as text
         report = {"articles": 3, "units": 6, "samples_per_article": 1,
                   "paired": {"trained-random": {"mean": mean, "ci": [mean - 0.1, mean + 0.1]}},
-                  "oracle": {"fraction": 0.2, "ci": [-0.5, 0.9]}, "power": {"half_width": 0.1}}
+                  "oracle": {"fraction": 0.2, "ci": [-0.5, 0.9]}, "power": {"minimum_detectable_effect": 0.1}}
         (tmp_path / "eval" / f"episode-{episode}.json").write_text(json.dumps(report))
     reports = load_reports(tmp_path)
     assert list(reports) == ["episode-2", "episode-10"]
     rows = report_rows(reports)
     assert rows[0]["trained-random"] == "-0.2500 [-0.3500, -0.1500]" and rows[1]["oracle fraction"] == "+0.20 [-0.50, +0.90]"
-    assert rows[1]["trained-random half-width"] == 0.1 and rows[0]["articles"] == 3
+    assert rows[1]["trained-random detectable at 80%"] == 0.1 and rows[0]["articles"] == 3

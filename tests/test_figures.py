@@ -130,13 +130,13 @@ def test_retokenisation_drift_finds_a_blank_line_cut_at_a_chunk_end(smol_tokeniz
     assert len(drift) == 1 and drift[0]["start"] == 0 and len(drift[0]["again"]) == chunk - 1
 
 
-@pytest.mark.parametrize("articles,sd,needed,says", [
-    (3, 0.02, 16, "too few for the intervals above to mean anything"),  # a bootstrap over 3 articles
-    (3, 0.0, 2, "no spread to size an interval from"),  # trained and random chose alike: not "2 articles suffice"
-    (20, 0.05, 97, "cannot be told from zero"),
-    (20, 0.02, 16, "these are enough"),
+@pytest.mark.parametrize("articles,mde,says", [
+    (3, 0.05, "too few articles for the intervals above to mean anything"),  # a t over 3 articles: 2 df
+    (3, None, "no spread to size an interval from"),  # trained and random chose alike: not "2 articles suffice"
+    (20, 0.031, "smaller than about 0.031 can go undetected"),
 ])
-def test_the_power_note_says_when_intervals_mean_nothing(articles, sd, needed, says):
+def test_the_power_note_says_when_intervals_mean_nothing(articles, mde, says):
     report = {"articles": articles, "samples_per_article": 2,
-              "power": {"between_article_sd": sd, "articles_needed": needed, "half_width": 0.03, "target_half_width": 0.01}}
+              "power": {"minimum_detectable_effect": mde, "articles_needed": {"0.01": 180, "0.02": 46}}}
     assert says in power_note(report)
+    assert mde is None or "0.02 needs about 46 articles" in power_note(report)
