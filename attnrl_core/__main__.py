@@ -134,7 +134,7 @@ def _cmd_learning_check(args: argparse.Namespace) -> int:
         trend = "rises" if fig["t_hac"] > 0 and fig["p_hac"] < 0.05 else (
             "falls" if fig["p_hac"] < 0.05 else "shows no clear trend")
         print(f"  trend, robust to correlated episodes: {fig['slope']:+.5f} per episode ± {fig['slope_se_hac']:.5f} "
-              f"(EWC, t with {fig['hac_dof']} df) = {fig['t_hac']:+.2f}, p = {fig['p_hac']:.3f}: the reward {trend}")
+              f"({fig['trend_test']}) = {fig['t_hac']:+.2f}, p = {fig['p_hac']:.3f}: the reward {trend}")
     if args.figure:
         from .experiment import plot_experiment
 

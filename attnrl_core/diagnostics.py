@@ -298,7 +298,9 @@ def trend_hac(rewards, blocks: int | None = None) -> dict:
     x = np.arange(r.shape[0], dtype=np.float64)[np.isfinite(r)]
     y = r[np.isfinite(r)]
     n = y.shape[0]
-    _require(n >= 8, "fewer than 8 finite rewards: too few for a trend over blocks")
+    if n < 8:  # too few episodes for 4 blocks of 2: no trend to test (a short demo run)
+        return {"slope": math.nan, "slope_se_hac": math.nan, "t_hac": math.nan, "hac_dof": 0, "p_hac": math.nan,
+                "trend_test": f"none: {n} episodes are too few for a trend over blocks"}
     B = blocks or (4 if n < 50 else 5)  # more blocks raise the size at phi = 0.6 (6 at n = 60: 6.5%, simulated)
     _require(3 <= B <= n // 2, f"blocks={B} must be in 3..{n // 2}")
     xb = np.array([part.mean() for part in np.array_split(x, B)])

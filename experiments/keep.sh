@@ -1,22 +1,21 @@
 #!/usr/bin/env bash
-# Carry an experiment's runs across sessions whose machine is not kept (only git is): copy each run's config,
-# metrics, trajectories, evaluation reports and its newest checkpoint (what `experiment` needs to skip a finished
-# run or resume a cut one) from SRC to DST. Older checkpoints stay behind.
-#   bash experiments/keep.sh runs/experiments/second experiments/kept/second    # keep (then git add, commit)
-#   bash experiments/keep.sh experiments/kept/second runs/experiments/second    # restore, then run `experiment`
+# Keep an experiment's finished runs in git, slimmed to what its tables need: each run's config, metrics and
+# evaluation reports (the per-unit values every interval is computed from), and the summary; no checkpoints or
+# trajectories (they made the tracked tree 43 MiB). `experiment` treats such a run as finished (its metrics
+# reach num_episodes and its final evaluation report exists), so `experiment --markdown` and a rerun that adds
+# seeds or arms work from the kept copy; a run that is not finished yet is not kept (resume it where it runs).
+#   bash experiments/keep.sh runs/experiments/third experiments/kept/third    # then git add, commit
 set -euo pipefail
 SRC=${1:?usage: keep.sh SRC DST}
 DST=${2:?usage: keep.sh SRC DST}
 for run in "$SRC"/*/; do
   run=${run%/}; name=$(basename "$run")
-  [[ -f "$run/config.json" ]] || continue
-  newest=$(ls -d "$run"/checkpoints/episode-* 2>/dev/null | sort -t- -k2 -n | tail -1 || true)
-  [[ -n "$newest" ]] || continue  # nothing to resume from yet
+  [[ -f "$run/config.json" && -d "$run/eval" ]] || continue  # not evaluated yet: nothing to keep
   rm -rf "${DST:?}/$name.tmp"
-  mkdir -p "$DST/$name.tmp/checkpoints"
-  for f in config.json metrics.jsonl trajectories.jsonl; do [[ -f "$run/$f" ]] && cp "$run/$f" "$DST/$name.tmp/"; done
-  [[ -d "$run/eval" ]] && cp -r "$run/eval" "$DST/$name.tmp/"
-  cp -r "$newest" "$DST/$name.tmp/checkpoints/"
+  mkdir -p "$DST/$name.tmp/eval"
+  cp "$run/config.json" "$run/metrics.jsonl" "$DST/$name.tmp/"
+  cp "$run"/eval/*.json "$DST/$name.tmp/eval/"
   rm -rf "${DST:?}/$name" && mv "$DST/$name.tmp" "$DST/$name"
-  echo "$name: $(wc -l < "$run/metrics.jsonl") episodes, kept $(basename "$newest")"
+  echo "$name: $(wc -l < "$run/metrics.jsonl") episodes, $(ls "$run"/eval/*.json | wc -l) evaluation report(s)"
 done
+[[ -f "$SRC/summary.json" ]] && cp "$SRC/summary.json" "$DST/" || true

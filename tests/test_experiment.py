@@ -1,7 +1,9 @@
 """The experiment command: arms x seeds trained as processes, evaluated, aggregated; a rerun skips them."""
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -30,8 +32,11 @@ def test_experiment_trains_evaluates_and_skips_what_is_done(tmp_path):
         summary["arms"]["loo"]["runs"][0]["final_reward"] - summary["arms"]["spec"]["runs"][0]["final_reward"])
     assert summary["arms"]["spec"]["over_seeds"]["trained-random"]["mean"] == pytest.approx(
         summary["arms"]["spec"]["runs"][0]["paired"]["trained-random"]["mean"])
-    assert summary["arms"]["spec"]["over_seeds"]["trained-random"]["ci"] is None  # one seed: no interval
-    assert "Per arm: mean over seeds" in format_summary(summary)
+    # one seed: its held-out figures still have an interval over the articles, the final reward none over seeds
+    pooled = summary["arms"]["spec"]["over_seeds"]
+    assert pooled["trained-random"]["articles"] == 2 and pooled["trained-random"]["df"] == 1
+    assert pooled["final_reward"]["ci"] is None and "1 seeds averaged per unit" in pooled["trained-random"]["rests_on"]
+    assert "Per arm: held-out figures with the seeds averaged per unit" in format_summary(summary)
     markdown = format_summary(summary, markdown=True)
     assert "| arm | seed |" in markdown and "| loo-spec | 1 |" in markdown
     assert (out / "experiment.png").is_file()
@@ -62,3 +67,39 @@ def test_over_seed_interval_is_a_t_interval_over_seeds():
     assert x["n"] == 3 and x["mean"] == pytest.approx(2.0)
     half = 4.302652729911275 / 3 ** 0.5  # t(0.975, 2 df) * SD 1 / sqrt(3)
     assert x["ci"] == pytest.approx([2.0 - half, 2.0 + half])
+
+
+def test_seeds_are_averaged_per_unit_and_intervalled_over_articles(tmp_path):
+    """Seeds scored on the same units share their sampling error: the pooled interval is a t over the articles of
+    the seeds' per-unit average, not a t over seeds (which would be far too narrow when the seeds agree)."""
+    from attnrl_core.diagnostics import paired_difference
+    from attnrl_core.experiment import pooled
+
+    rng = np.random.default_rng(0)
+    articles = [f"a{i}" for i in range(10) for _ in range(3)]
+    shared = np.repeat(rng.normal(size=10), 3) * 0.05  # the units' own variation, common to every seed
+    seeds = [{"trained-random": shared + 0.001 * rng.normal(size=30), "trained-untrained": shared,
+              "trained-natural": shared, "oracle_chosen": np.ones(30), "oracle_mean": np.zeros(30),
+              "oracle_best": np.full(30, 2.0)} for _ in range(3)]
+    result = pooled(seeds, articles)["trained-random"]
+    expected = paired_difference(np.mean([s["trained-random"] for s in seeds], axis=0), np.zeros(30), clusters=articles)
+    assert result["ci"] == pytest.approx(expected["ci"]) and result["df"] == 9 and result["n"] == 3
+    over_seeds = t_interval([s["trained-random"].mean() for s in seeds])
+    assert np.diff(over_seeds["ci"])[0] < np.diff(result["ci"])[0] / 5  # the old t over seeds was this narrow
+    assert result["joint_bootstrap_ci"][0] <= result["mean"] <= result["joint_bootstrap_ci"][1]
+
+
+def test_the_kept_experiment_is_finished_from_its_metrics_and_reports(tmp_path):
+    """A kept run holds config, metrics and evaluation reports only: `experiment` must not retrain it, and the
+    summary needs nothing else."""
+    from attnrl_core.experiment import _finished, run_config
+
+    spec = load_experiment("experiments/second.yaml")
+    kept = Path("experiments/kept/second")
+    for arm in spec["arms"]:
+        for seed in spec["seeds"]:
+            run_dir = kept / f"{arm}-s{seed}"
+            assert not (run_dir / "checkpoints").exists() and _finished(run_dir, run_config(spec, arm, seed, run_dir))
+    summary = summarize(kept, spec)
+    assert summary["arms"]["choice"]["over_seeds"]["trained-random"]["ci"][0] < 0  # the interval includes 0
+    assert summary["arms"]["choice"]["over_seeds"]["power"]["minimum_detectable_effect"] > 0.01
