@@ -191,6 +191,9 @@ def _train(cfg: TrainConfig, ranks: Ranks, out: Path, ckpt: Path | None, device:
                     if episode % cfg.checkpoint_every == 0 or episode == cfg.num_episodes or stopping:
                         save_checkpoint(out, episode, model, optimizer, {"stats": stats.state_dict(),
                                         "data_position": vars(batch.position)}, cfg.keep_checkpoints)
+                # this episode's trajectory (and its kept sampling logits, the rollout's largest buffer) dies here,
+                # not when the next rollout's result is bound: else two episodes' logits are alive at its peak
+                del traj, local
                 if stopping:
                     if ranks.main:
                         stop.report(episode, out)

@@ -77,3 +77,26 @@ def test_metrics_reach_tensorboard(run_dir):
     numeric = {k for m in metrics for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     assert {"query_distinct", "kl", "tokens_per_second", "adapter_reward"} <= numeric
     assert numeric <= set(events.Tags()["scalars"]), numeric - set(events.Tags()["scalars"])
+
+
+def test_no_earlier_rollouts_kept_logits_are_alive_when_a_rollout_starts(tmp_path, monkeypatch):
+    """The real `train` over 3 episodes: when each rollout starts, no earlier rollout's kept sampling logits (the
+    previous policy of its update, [B, P*Tq, V]) are still referenced. Holding them doubled that buffer at every
+    rollout's peak from episode 2 on (issue 38)."""
+    import gc
+    import weakref
+
+    import attnrl_core.run as run_module
+
+    kept, alive_at_start, real = [], [], run_module.rollout_resilient
+
+    def watched(*args, **kwargs):
+        gc.collect()
+        alive_at_start.append(sum(ref() is not None for ref in kept))
+        traj = real(*args, **kwargs)
+        kept.append(weakref.ref(traj.query_logits))
+        return traj
+
+    monkeypatch.setattr(run_module, "rollout_resilient", watched)
+    assert main(["train", *ARGS, "--output_dir", str(tmp_path / "run")]) == 0
+    assert alive_at_start == [0, 0, 0]
