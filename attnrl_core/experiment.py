@@ -19,7 +19,7 @@ bootstrap over seeds and articles beside it as the conservative check; arm pairs
 difference of the arms' seed averages. Only the figures without units (final training reward, held-out
 selection entropy) keep a t over seeds. Each interval says what it rests on; `format_summary(...,
 markdown=True)` prints EXPERIMENTS.md's tables. Runs are subprocesses so one failing, or being killed, never takes the others down.
-Imports attnrl_core.config, .diagnostics, .files and .rundir.
+Imports attnrl_core.config, .diagnostics and .files.
 """
 
 from __future__ import annotations
