@@ -44,3 +44,9 @@ __version__ = "0.1.0"
 # not load a 4-bit kernel this project never uses; peft imports it, so the filter must exist before any
 # module does. Exactly that message is dropped; everything else bitsandbytes says still shows.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "gemm_4bit_forward" not in record.msg)
+# The same import, on a CPU with AVX-512 BF16 and `kernels` installed (transformers >= 5.25 requires it), asks
+# the Hub for that 4-bit kernel (bitsandbytes/backends/cpu/ops.py: get_kernel("kernels-community/quantization-
+# bitsandbytes")); with HF_HUB_OFFLINE=1 `kernels` logs that it skips the publisher check, then the load fails
+# and the message above is dropped. Nothing here uses 4-bit CPU matmuls, so exactly that line is dropped too.
+logging.getLogger("kernels._internals.hf_hub").addFilter(
+    lambda record: "kernels-community/quantization-bitsandbytes" not in str(record.msg))
