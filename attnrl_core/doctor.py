@@ -12,6 +12,40 @@ MIN_VERSIONS = {"torch": "2.13.0", "transformers": "5.23.0", "peft": "0.21.2", "
                 "datasets": "5.2.0", "safetensors": "0.8.0", "gguf": "0.19.0"}
 
 
+def read_lock(path: Path) -> dict[str, str]:
+    """requirements.lock as {normalised name: exact version}; comment lines skipped."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[_normalise(name)] = version.strip()
+    return pins
+
+
+def _normalise(name: str) -> str:
+    return "".join("-" if ch in "-_." else ch for ch in name.strip().lower())
+
+
+def lock_drift(pins: dict[str, str], installed: dict[str, str]) -> list[str]:
+    """`name lock -> installed` for each locked package installed at another version (a local label such as
+    +cpu ignored, as pip's `==` does). Locked packages that are absent are not drift: the lock constrains, and
+    holds tools (py-spy) that only some set-ups install."""
+    return [f"{name} {want} -> {installed[name]}" for name, want in sorted(pins.items())
+            if name in installed and installed[name].split("+")[0] != want.split("+")[0]]
+
+
+def lock_row(root: Path) -> tuple[str, str, str, str]:
+    lock = root / "requirements.lock"
+    if not lock.is_file():
+        return ("requirements.lock", "WARN", "not found (an installed package, not a checkout)", "")
+    installed = {_normalise(d.metadata["Name"]): d.version for d in md.distributions() if d.metadata["Name"]}
+    drift = lock_drift(read_lock(lock), installed)
+    if not drift:
+        return ("requirements.lock", "OK", "installed versions match the lock", "")
+    return ("requirements.lock", "WARN", f"{len(drift)} differ: " + ", ".join(drift[:3]) + (" ..." if len(drift) > 3 else ""),
+            "make setup (installs the lock's versions), or `make lock` and rerun `make test` if the change is meant")
+
+
 def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in v.split("+")[0].split(".")[:3])
 
@@ -26,6 +60,7 @@ def run_checks(output_dir: str = "runs") -> list[tuple[str, str, str, str]]:
             rows.append((pkg, "OK" if ok else "WARN", v, "" if ok else f"pip install '{pkg}>={minimum}'"))
         except md.PackageNotFoundError:
             rows.append((pkg, "FAIL", "not installed", f"pip install '{pkg}>={minimum}' (or `make setup`)"))
+    rows.append(lock_row(Path(__file__).resolve().parents[1]))
     import torch
 
     if torch.cuda.is_available():

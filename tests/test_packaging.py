@@ -18,7 +18,9 @@ def test_environment_yml_matches_pyproject():
     wanted = _names(project["dependencies"] + project["optional-dependencies"]["test"])
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    assert _names(pip) == wanted
+    # the same names; the versions are requirements.lock's exact ones (tests/test_setup.py), and `-c` the lock
+    assert set(_names(r for r in pip if not r.startswith("-"))) == set(wanted)
+    assert "-c requirements.lock" in pip
     assert any(str(d).startswith("python") for d in env["dependencies"]) and "pip" in env["dependencies"]
 
 
