@@ -2,7 +2,7 @@
 entropy, per-step oracle fraction (of the reward, and of the objective's own target), choice KL and reward over
 its first 20 episodes against its last 20 (halves when shorter), with a Welch t 95% interval over episodes of
 last - first.
-Usage: python benchmarks/choice_halves.py RUN_DIR [RUN_DIR ...]"""
+Usage: python research/choice_halves.py RUN_DIR [RUN_DIR ...]"""
 import json
 import sys
 from pathlib import Path

@@ -1,6 +1,6 @@
-"""What issue 25's benchmarks share (`choice_cost.py`, `choice_fit_one_batch.py`, `choice_predictability.py`):
+"""What issue 25's diagnostics share (`choice_cost.py`, `choice_fit_one_batch.py`, `choice_predictability.py`):
 one thread, seed 0, the embedded model with the config they ask for, and the training batches its run would see.
-Imported by those scripts (run as `python benchmarks/NAME.py`, so this folder is on the path)."""
+Imported by those scripts (run as `python research/NAME.py`, so this folder is on the path)."""
 import torch
 
 from attnrl_core.config import TrainConfig

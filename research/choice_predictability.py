@@ -12,7 +12,7 @@ same article (leave-row-out, each step centred on its own mean) predicts the ste
 - `oracle fraction` of choosing the pair with the highest leave-row-out mean (0: random, 1: oracle), with a 95%
   interval over articles.
 
-Usage: python benchmarks/choice_predictability.py [batches [pairs]]   (one thread; ~20 s a batch of 8)
+Usage: python research/choice_predictability.py [batches [pairs]]   (one thread; ~20 s a batch of 8)
 """
 import math
 import sys

@@ -1,7 +1,7 @@
 """Diagnostic for issue 25 (EXPERIMENTS.md §6): can the selection step fit p_select to its target on ONE fixed
 batch of the real embedded model? Rolls one batch of 8 out with the candidates scored, then takes 15 selection
 steps on that same trajectory and prints the mean choice KL and selection entropy after each.
-Usage: python benchmarks/choice_fit_one_batch.py [learning_rate [similarity_temperature]]  (one thread; minutes on
+Usage: python research/choice_fit_one_batch.py [learning_rate [similarity_temperature]]  (one thread; minutes on
 the CPU)"""
 import sys
 

@@ -1,7 +1,7 @@
 """What the selection objective costs per episode (issue 25, BENCHMARKS.md): on the embedded preset with the
 overfit check's sizes (8 trajectories, 16 pairs, one thread), times one rollout without and with every pair
 left scored (`oracle=True`), and the selection objective's steps (1 and 8 per episode), each after one untimed
-run of the same work. Usage: python benchmarks/choice_cost.py  (run it on a quiet machine; minutes)"""
+run of the same work. Usage: python research/choice_cost.py  (run it on a quiet machine; minutes)"""
 import json
 import time
 
