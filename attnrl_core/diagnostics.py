@@ -238,6 +238,30 @@ def oracle_fraction(chosen: np.ndarray, mean: np.ndarray, best: np.ndarray,
     return {**out, "ci": [fraction - half, fraction + half], "se": t["se"], "df": t["df"]}
 
 
+def fraction_difference(first: tuple, second: tuple, clusters=None, level: float = 0.95) -> dict:
+    """Second's oracle fraction minus first's, both scored on the same units: each a (chosen, mean, best) triple of
+    [U] arrays. The interval is the linearised cluster-robust t of the difference of the two ratios, paired by unit
+    (each unit's influence (g2 - f2 s2) / S2 - (g1 - f1 s1) / S1, `cluster_t` over articles). nan when either
+    fraction's spread sums to 0 or there are fewer than 2 articles."""
+    parts = []
+    for chosen, mean, best in (first, second):
+        gain = np.asarray(chosen, dtype=np.float64) - np.asarray(mean, dtype=np.float64)
+        spread = np.asarray(best, dtype=np.float64) - np.asarray(mean, dtype=np.float64)
+        _require(gain.ndim == 1 and gain.shape == spread.shape and gain.shape[0] > 0,
+                 "chosen, mean and best must be non-empty [U] arrays of one shape")
+        parts.append((gain, spread, float(spread.sum())))
+    (g1, s1, S1), (g2, s2, S2) = parts
+    _require(g1.shape == g2.shape, f"the two fractions must be scored on the same units, got {g1.shape} and {g2.shape}")
+    articles = int(g1.shape[0] if clusters is None else len(set(np.asarray(clusters).tolist())))
+    out = {"units": int(g1.shape[0]), "articles": articles, "method": "t"}
+    if S1 == 0 or S2 == 0 or articles < 2:
+        return {**out, "mean": math.nan, "ci": [math.nan, math.nan], "se": math.nan, "df": max(articles - 1, 0)}
+    f1, f2 = float(g1.sum() / S1), float(g2.sum() / S2)
+    t = cluster_t((g2 - f2 * s2) / S2 - (g1 - f1 * s1) / S1, clusters, 1.0, level)
+    half = t["t"] * t["se"]
+    return {**out, "mean": f2 - f1, "ci": [f2 - f1 - half, f2 - f1 + half], "se": t["se"], "df": t["df"]}
+
+
 def articles_for_power(se: float, articles: int, effect: float, power: float = 0.8, level: float = 0.95) -> int | None:
     """Articles a two-sided test at 1 - `level` needs for `power` against `effect`, from an SE measured on
     `articles` articles (per-article SD = se * sqrt(articles), at the same windows and samples each): the smallest
@@ -301,7 +325,7 @@ def trend_hac(rewards, blocks: int | None = None) -> dict:
     if n < 8:  # too few episodes for 4 blocks of 2: no trend to test (a short demo run)
         return {"slope": math.nan, "slope_se_hac": math.nan, "t_hac": math.nan, "hac_dof": 0, "p_hac": math.nan,
                 "trend_test": f"none: {n} episodes are too few for a trend over blocks"}
-    B = blocks or (4 if n < 50 else 5)  # more blocks raise the size at phi = 0.6 (6 at n = 60: 6.5%, simulated)
+    B = blocks or (4 if n < 50 else 5)  # more blocks give more df but raise the size at phi = 0.6 (EXPERIMENTS.md §1)
     _require(3 <= B <= n // 2, f"blocks={B} must be in 3..{n // 2}")
     xb = np.array([part.mean() for part in np.array_split(x, B)])
     yb = np.array([part.mean() for part in np.array_split(y, B)])

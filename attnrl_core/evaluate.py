@@ -229,6 +229,9 @@ def power_note(report: dict, min_articles: int = 10) -> str:
     p, n = report.get("power", {}), report["articles"]
     head = f"{n} held-out articles x {report['samples_per_article']} samples: "
     mde, need = p.get("minimum_detectable_effect"), p.get("articles_needed") or {}
+    if "half_width" in p and "minimum_detectable_effect" not in p:  # a report from before issue 37 (a kept one)
+        return head + (f"this report predates the power analysis: it sized a 95% half-width ({p['half_width']:.4f}), "
+                       "not power; `experiment` recomputes the power from its per-unit values (summary.json).")
     if mde is None:
         sized = ("trained and random scored the same on every unit, or there are too few articles: no spread to size "
                  "an interval from")
@@ -250,8 +253,10 @@ def format_report(report: dict) -> str:
     for name, r in report["methods"].items():
         entropy = "n/a" if r["selection_entropy"] is None else f"{r['selection_entropy']:.3f}"
         lines.append(f"{name:10s} {r['logprob']:15.4f} {r['reward']:10.4f} {entropy:>18s} {r.get('seconds', 0):8.1f}")
-    lines.append(f"{'paired (95% CI over articles)':30s} {'reward diff':>12s} {'95% CI':>22s} {'log-prob diff':>14s} "
-                 f"{'95% CI':>22s}")
+    method = next(iter(report.get("paired", {}).values()), {}).get("method", "bootstrap")  # older reports: bootstrap
+    lines.append(f"paired: 95% CI over the {report['articles']} articles by "
+                 f"{'a cluster-robust t' if method == 't' else 'the percentile cluster bootstrap'}")
+    lines.append(f"{'':30s} {'reward diff':>12s} {'95% CI':>22s} {'log-prob diff':>14s} {'95% CI':>22s}")
     for name, d in report.get("paired", {}).items():
         lines.append(f"{name:30s} {d['mean']:+12.4f} {ci(*d['ci']):>22s} {d['logprob']['mean']:+14.4f} "
                      f"{ci(*d['logprob']['ci']):>22s}")

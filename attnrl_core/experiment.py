@@ -16,7 +16,8 @@ seed is scored on the same held-out units with common random numbers, so seeds s
 error and are not independent replicates: per arm each held-out figure averages the seeds per unit and takes a
 cluster-robust t over the articles (`diagnostics.paired_difference` / `oracle_fraction`), with a joint
 bootstrap over seeds and articles beside it as the conservative check; arm pairs are the same on the per-unit
-difference of the arms' seed averages. Only the figures without units (final training reward, held-out
+difference of the arms' seed averages (the oracle fractions' difference by `fraction_difference`), and trained -
+random's power is given per run, per arm and per pair. Only the figures without units (final training reward, held-out
 selection entropy) keep a t over seeds. Each interval says what it rests on; `format_summary(...,
 markdown=True)` prints EXPERIMENTS.md's tables. Runs are subprocesses so one failing, or being killed, never takes the others down.
 Imports attnrl_core.config, .diagnostics and .files.
@@ -40,8 +41,8 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
-from .diagnostics import _cluster_weights, _percentile_ci, learning_figure, oracle_fraction, paired_difference, \
-    power_analysis
+from .diagnostics import _cluster_weights, _percentile_ci, fraction_difference, learning_figure, oracle_fraction, \
+    paired_difference, power_analysis
 from .files import atomic_write_text, read_jsonl
 
 FINAL_WINDOW = 10  # episodes averaged for a run's "final reward"
@@ -299,9 +300,14 @@ def summarize(out: Path, spec: dict, partial: bool = False) -> dict:
                 for name in PAIRED:
                     per_seed = np.stack([units_of[second][s][name] - units_of[first][s][name] for s in seeds])
                     pair[name] = _pooled_difference(per_seed, articles, ", paired by unit")
-                fractions = [arms[a]["over_seeds"]["oracle_fraction"]["mean"] for a in (first, second)]
-                pair["oracle_fraction"] = {"mean": fractions[1] - fractions[0], "ci": None, "n": len(seeds),
-                                           "values": [], "rests_on": "difference of the arms' pooled fractions"}
+                pair["power"] = power_analysis(pair["trained-random"], POWER_TARGETS)
+                # each arm's fraction from its seeds' per-unit averages (those seeds both arms have), paired by unit
+                triples = [tuple(np.mean([units_of[a][s][f"oracle_{k}"] for s in seeds], axis=0)
+                                 for k in ("chosen", "mean", "best")) for a in (first, second)]
+                d = fraction_difference(*triples, clusters=articles)
+                pair["oracle_fraction"] = {**d, "n": len(seeds), "values": [], "rests_on": (
+                    f"{len(seeds)} seeds averaged per unit, the arms' fractions paired by unit; linearised t over "
+                    f"{d['articles']} articles ({d['units']} units)")}
             pairs[f"{second}-{first}"] = pair
     return {"base": spec["base"], "seeds": spec["seeds"], "final_window": FINAL_WINDOW, "arms": arms, "pairs": pairs,
             "intervals": "held-out figures: seeds averaged per unit (every seed is scored on the same units), 95% "
@@ -455,13 +461,14 @@ def plot_experiment(summary: dict, smooth: int = 10):
         pairs = {name: p for name, p in pairs.items() if "trained-random" in p}
         _interval_panel(axes[len(panels)], groups, ["trained-random", "trained-untrained", "trained-natural"],
                         "held out: seeds averaged per unit, 95% t over articles", "reward difference (nats per value token)")
-        _interval_panel(axes[len(panels) + 1], groups, ["oracle_fraction"], "held out: per-step oracle fraction",
+        _interval_panel(axes[len(panels) + 1], groups, ["oracle_fraction"],
+                        "held out: per-step oracle fraction\n(seeds averaged per unit, linearised t over articles)",
                         "0 = random choice, 1 = best pair every step")
         if pairs:
             # the pairs get colours of their own: C0.. are the arms' in the other panels
             _interval_panel(axes[len(panels) + 2], pairs, ["final_reward", "trained-random", "trained-untrained"],
-                            "arms paired: difference (held out: t over articles)", "difference (nats per value token)",
-                            first_colour=len(summary["arms"]))
+                            "arms paired: difference\n(final reward: t over seeds; held out: t over articles)",
+                            "difference (nats per value token)", first_colour=len(summary["arms"]))
     for ax in axes[count:]:
         ax.set_visible(False)
     fig.tight_layout()
@@ -471,14 +478,17 @@ def plot_experiment(summary: dict, smooth: int = 10):
 def _interval_panel(ax, groups: dict, figures: list[str], title: str, xlabel: str, first_colour: int = 0) -> None:
     """Each group's (arm's or pair's) pooled value of `figures` with its interval, each seed a dot; group k drawn in
     colour C(first_colour + k)."""
+    labelled = False
     for k, (name, stats_of) in enumerate(groups.items(), start=first_colour):
         k_local = k - first_colour
         y = np.arange(len(figures)) + (k_local - (len(groups) - 1) / 2) * 0.2
+        label = name  # on the group's first interval drawn (a figure without one, e.g. one seed's, has no bar)
         for yi, f in zip(y, figures):
             x = stats_of[f]
-            if x["ci"] is not None:
+            if x["ci"] is not None and x["mean"] == x["mean"]:
                 ax.errorbar(x["mean"], yi, xerr=[[x["mean"] - x["ci"][0]], [x["ci"][1] - x["mean"]]], fmt="o",
-                            color=f"C{k}", capsize=3, label=name if yi == y[0] else None)
+                            color=f"C{k}", capsize=3, label=label)
+                labelled, label = True, None
             ax.plot(x["values"], [yi] * len(x["values"]), ".", color=f"C{k}", alpha=0.5)
     if not any(x["values"] for g in groups.values() for x in (g[f] for f in figures)):
         _no_value(ax, "not measured in these runs")
@@ -487,7 +497,7 @@ def _interval_panel(ax, groups: dict, figures: list[str], title: str, xlabel: st
     ax.set_yticks(range(len(figures)), figures)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
-    if any(x["ci"] is not None for g in groups.values() for x in (g[f] for f in figures)):
+    if labelled:
         ax.legend(fontsize=7)
 
 

@@ -250,3 +250,25 @@ def test_trend_test_keeps_its_size_when_episodes_are_correlated():
     assert naive > 0.25 and robust < 0.1
     rising = [trend_hac(_ar1(100, 0.6, rng) + 0.03 * np.arange(100)) for _ in range(50)]
     assert np.mean([r["p_hac"] < 0.05 and r["t_hac"] > 0 for r in rising]) > 0.5  # 5 blocks: 3 df, less power
+
+
+def test_fraction_difference_is_the_difference_of_the_fractions_with_the_paired_linearised_se():
+    from attnrl_core.diagnostics import fraction_difference, oracle_fraction
+
+    rng = np.random.default_rng(0)
+    clusters = np.repeat(np.arange(6), 3)
+    a = (rng.normal(size=18), rng.normal(size=18) * 0.1, 1 + rng.random(18))
+    b = (rng.normal(size=18), a[1], 1 + rng.random(18))
+    d = fraction_difference(a, b, clusters=clusters)
+    fa, fb = (oracle_fraction(*x, clusters=clusters)["fraction"] for x in (a, b))
+    assert d["mean"] == pytest.approx(fb - fa) and d["df"] == 5 and d["articles"] == 6
+    # by hand: each unit's influence on fb - fa, summed per article, CR1
+    ga, sa = a[0] - a[1], a[2] - a[1]
+    gb, sb = b[0] - b[1], b[2] - b[1]
+    u = (gb - fb * sb) / sb.sum() - (ga - fa * sa) / sa.sum()
+    totals = np.array([u[clusters == c].sum() for c in range(6)])
+    se = np.sqrt(6 / 5 * (totals ** 2).sum())
+    assert d["se"] == pytest.approx(se)
+    assert d["ci"] == pytest.approx([d["mean"] - 2.5705818 * se, d["mean"] + 2.5705818 * se], rel=1e-6)
+    with pytest.raises(ValueError, match="same units"):
+        fraction_difference(a, tuple(x[:9] for x in b))

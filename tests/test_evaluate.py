@@ -167,7 +167,18 @@ def test_evaluate_command_prints_the_table_and_the_json_report(small_run, capsys
     assert report["power"]["articles"] == 3 and set(need) == {"0.01", "0.02"}
     assert all(n is None or n >= 2 for n in need.values())
     assert report["paired"]["trained-random"]["method"] == "t" and report["oracle"]["method"] == "t"
-    assert "power:" in out and "per-step oracle" in out
+    assert "power:" in out and "per-step oracle" in out and "by a cluster-robust t" in out
+
+
+def test_a_kept_report_from_before_the_power_analysis_says_so():
+    """The kept reports of experiments/second.yaml predate issue 37: their power is a half-width, not power."""
+    from pathlib import Path
+
+    from attnrl_core.evaluate import format_report
+
+    report = json.loads(Path("experiments/kept/second/spec-s0/eval/episode-60.json").read_text())
+    assert "predates the power analysis" in power_note(report) and "no spread" not in power_note(report)
+    assert "percentile cluster bootstrap" in format_report(report)
 
 
 def test_saved_reports_load_in_episode_order_and_tabulate_their_intervals(tmp_path):

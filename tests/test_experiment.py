@@ -103,3 +103,7 @@ def test_the_kept_experiment_is_finished_from_its_metrics_and_reports(tmp_path):
     summary = summarize(kept, spec)
     assert summary["arms"]["choice"]["over_seeds"]["trained-random"]["ci"][0] < 0  # the interval includes 0
     assert summary["arms"]["choice"]["over_seeds"]["power"]["minimum_detectable_effect"] > 0.01
+    pair = summary["pairs"]["choice-spec"]  # arm pairs: the power of the difference and the fractions' interval
+    assert pair["power"]["minimum_detectable_effect"] > 0.01 and pair["power"]["articles"] == 13
+    lo, hi = pair["oracle_fraction"]["ci"]
+    assert lo < pair["oracle_fraction"]["mean"] < hi and "paired by unit" in pair["oracle_fraction"]["rests_on"]
