@@ -169,17 +169,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_memory(args: argparse.Namespace) -> int:
-    from .memory import PRESET_SHAPES, memory_report, parse_bytes
+    from .memory import PRESET_SHAPES, detected_arch, memory_report, parse_arch, parse_bytes
 
     cfg = config_from_args(args)
     if cfg.preset not in PRESET_SHAPES:
         raise ValueError(f"--preset {cfg.preset!r} has no model shape: use one of {sorted(PRESET_SHAPES)}")
-    preset = TrainConfig.from_preset(cfg.preset)
-    for name in ("model_name", "dtype"):
-        if getattr(cfg, name) != getattr(preset, name):
-            raise ValueError(f"--{name} is not planned: the memory plan knows the presets' models in their GPU dtype; "
-                             f"drop --{name}")
-    print(memory_report(cfg, PRESET_SHAPES[cfg.preset], parse_bytes(args.gpu_memory), args.json))
+    if cfg.model_name != TrainConfig.from_preset(cfg.preset).model_name:
+        raise ValueError("--model_name is not planned: the memory plan knows the presets' models; drop --model_name")
+    memory_bytes, arch = parse_bytes(args.gpu_memory), parse_arch(args.gpu_arch) if args.gpu_arch else detected_arch()
+    shape = PRESET_SHAPES[cfg.preset]
+    if cfg.dtype != "auto":
+        import torch
+
+        shape = dataclasses.replace(shape, dtype=getattr(torch, cfg.dtype))
+    print(memory_report(cfg, shape, memory_bytes, args.json, arch=arch))
     return 0
 
 
@@ -314,9 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
     memory = sub.add_parser("memory", help="the memory plan of a run and the sizes that fit a GPU (no GPU needed)",
                             description="Each term of a run's memory (weights, KV cache, kept logits, activations, "
                                         "loss buffers) from its config and its model's shape, the peak of each "
-                                        "phase, and the rollout chunk and update micro-batch that fit --gpu_memory. "
-                                        "Every TrainConfig field is a flag.")
-    memory.add_argument("--gpu_memory", default="16GB", help="memory to fit, e.g. 16GB, 24GiB (default 16GB)")
+                                        "phase, what the card spends beyond it (CUDA context, the allocator's blocks, "
+                                        "cuBLAS workspaces), and the rollout chunk and update micro-batch that fit "
+                                        "--gpu_memory. Every TrainConfig field is a flag.")
+    memory.add_argument("--gpu_memory", default="16GB",
+                        help="the card's memory to fit, e.g. 16GB, 24GiB (default 16GB; the CUDA context is counted in)")
+    memory.add_argument("--gpu_arch", default=None,
+                        help="the card's compute capability, e.g. sm75 (T4), sm80 (A100), sm86, sm89, sm90 (H100) "
+                             "(default: this machine's GPU, else sm80)")
     memory.add_argument("--json", action="store_true", help="print one JSON object")
     add_config_arguments(memory)
     memory.set_defaults(func=_cmd_memory)

@@ -57,6 +57,21 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def phase_memory(device: torch.device, phase: str) -> dict[str, int]:
+    """On CUDA, a phase's peaks since the last reset, then reset: `{phase}_peak_allocated_bytes` (the tensors'),
+    `{phase}_peak_reserved_bytes` (what the caching allocator held: the card's own figure, the plan's with the
+    allocator's blocks) and `outside_allocator_bytes` (the card's used memory beyond what the allocator holds: the
+    CUDA context and libraries' own, plus any other process's). On the CPU nothing (VmHWM has one peak)."""
+    if device.type != "cuda":
+        return {}
+    free, total = torch.cuda.mem_get_info(device)
+    out = {f"{phase}_peak_allocated_bytes": int(torch.cuda.max_memory_allocated(device)),
+           f"{phase}_peak_reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
+           "outside_allocator_bytes": int(total - free - torch.cuda.memory_reserved(device))}
+    torch.cuda.reset_peak_memory_stats(device)
+    return out
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -13,6 +13,14 @@ test holds this plan to it):
 - update micro-batch of n rows: the batch's kept logits (alive through the update), the activations autograd
   saves per token and layer (or only each layer's input with gradient checkpointing, plus one layer recomputed),
   the loss's chunk of [n, positions, V] float32 tensors (`loss.chunked_reinforce_loss`), the adapter's gradients.
+- with `--compile`: the pooled KV buffers stay allocated through the update, and the CUDA graph keeps a private
+  pool (the decode step's output logits and each layer's output);
+- below sm80 in bfloat16: SDPA's math kernel (float32 copies of the repeated key/value heads, full score matrices)
+  where the fused kernels take no bfloat16.
+What a card spends beyond the allocated bytes (`card`): the CUDA context (outside the allocator), cuBLAS's
+workspaces, and the caching allocator's blocks beyond the live bytes (a factor from `memtrace.Allocator`, a model
+of PyTorch's allocator replaying the traced allocations; BENCHMARKS.md). With expandable segments (what `train`
+sets on CUDA, `use_expandable_segments`) that factor is 2 %, with the default allocator 13 %.
 Imports attnrl_core.config and attnrl_core.decoding (the chunk size of vocabulary-sized tensors) only.
 """
 
@@ -20,6 +28,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import torch
@@ -138,11 +148,12 @@ class Plan:
 
 
 def plan(cfg: TrainConfig, shape: ModelShape, seq: SequenceShape | None = None, rollout_rows: int | None = None,
-         micro_batch: int | None = None, keep_query_logits: bool = True, oracle: bool | None = None) -> Plan:
+         micro_batch: int | None = None, keep_query_logits: bool = True, oracle: bool | None = None,
+         arch: tuple[int, int] = (8, 0)) -> Plan:
     """The plan of a rollout of `rollout_rows` (default the generation batch) and an update micro-batch of
     `micro_batch` (default the training batch) for `cfg` on a model of `shape`. `keep_query_logits` False: a
     rollout that does not train (evaluation). `oracle` (default: when the selection objective is on) adds the
-    scoring of every pair left."""
+    scoring of every pair left. `arch`: the card's compute capability (which attention kernel runs)."""
     seq = seq or SequenceShape.of(cfg)
     R = rollout_rows or cfg.generation_batch_size
     n = micro_batch or cfg.training_batch_size
@@ -198,10 +209,108 @@ def plan(cfg: TrainConfig, shape: ModelShape, seq: SequenceShape | None = None, 
     else:  # every layer's saved tensors, alive when the loss's chunks run
         t["activations"] = n * read * layers * per_token
         working = t["loss_buffers"]
-    static = t["weights"] + t["adapter"] + t["optimizer"]
-    rollout = t["kv_cache"] + t["kept_logits"] + max(t["rollout_transient"], t["oracle"])
-    update = batch_kept + t["activations"] + working + t["gradients"]
+    # -- below sm80 in bfloat16, SDPA's math kernel: float32 copies of the query and of the repeated key/value heads,
+    # the float32 scores, their masked and softmaxed copies; at the rollout's widest masked read (the value scoring
+    # pass at the final length, 2R rows) and the update's (n rows reading `read` tokens, causal)
+    t["math_attention"] = t["math_attention_update"] = 0
+    if attention_kernel(shape.dtype, arch) == "math":
+        q_heads, D, total = shape.query_heads, shape.head_dim, lengths["total"]
+        t["math_attention"] = 2 * R * q_heads * 4 * (2 * total * D + 2 * scoring_tokens * D + 3 * scoring_tokens * total)
+        t["math_attention_update"] = n * q_heads * 4 * (4 * read * D + 3 * read * read)
+    # -- `--compile`: the run's pooled KV buffers (`decoding.DecodeStep`) stay allocated through the update; the CUDA
+    # graph's private pool holds the fixed-shape step's output logits and each layer's output (its high-water mark)
+    t["compile_kv_pool"] = t["kv_cache"] if cfg.compile else 0
+    t["cuda_graph_pool"] = 2 * R * (V * 4 + (layers + 3) * H * b) if cfg.compile else 0
+    static = t["weights"] + t["adapter"] + t["optimizer"] + t["cuda_graph_pool"]
+    rollout = t["kv_cache"] + t["kept_logits"] + max(t["rollout_transient"] + t["math_attention"], t["oracle"])
+    update = batch_kept + t["activations"] + working + t["math_attention_update"] + t["gradients"] + t["compile_kv_pool"]
     return Plan(R, n, t, static, rollout, update)
+
+
+# -- what a card spends beyond the allocated bytes --------------------------------------------------------------
+# The caching allocator's blocks beyond the live bytes, as a fraction of a phase's allocated peak: the most the
+# allocator's model (`memtrace.Allocator`) needs at SPEC's sizes over two episodes, 2 and 28 layers (BENCHMARKS.md):
+# 0.6-1.4 % with expandable segments, 3.5-12.9 % with the default allocator (at 28 layers the KV buffers, allocated
+# layer by layer into blocks each layer's MLP has just freed, leave holes the kept logits cannot use).
+ALLOCATOR_OVERHEAD = {"expandable_segments": 0.02, "default": 0.13}
+# The CUDA context, outside the allocator: 0.3-0.45 GB bare with lazily loaded modules (CUDA >= 11.7, PyTorch's
+# default), more as a run loads its kernels (cuBLAS, attention, the optimizer's); before 11.7 over 1 GB. An estimate
+# until benchmarks/gpu_proof.sh measures it on a card (memory.json, `context_bytes`).
+CUDA_CONTEXT_BYTES = 750 * 10**6
+ARCHS = ("sm70", "sm75", "sm80", "sm86", "sm89", "sm90", "sm100", "sm120")
+
+
+def parse_arch(text: str) -> tuple[int, int]:
+    """'sm75' / 'sm_75' / '7.5' -> (7, 5): a CUDA compute capability."""
+    s = text.strip().lower().removeprefix("sm").lstrip("_")
+    major, _, minor = s.partition(".") if "." in s else (s[:-1], "", s[-1:])
+    if not (major.isdigit() and minor.isdigit()):
+        raise ValueError(f"--gpu_arch {text!r} is not a compute capability: write e.g. {', '.join(ARCHS)} or 8.6")
+    return int(major), int(minor)
+
+
+def detected_arch() -> tuple[int, int]:
+    """This machine's first GPU's compute capability; sm80 without one (where the plan is for a card elsewhere)."""
+    return torch.cuda.get_device_capability(0) if torch.cuda.is_available() else (8, 0)
+
+
+def arch_name(arch: tuple[int, int]) -> str:
+    return f"sm{arch[0]}{arch[1]}"
+
+
+def has_bfloat16(arch: tuple[int, int]) -> bool:
+    """Native bfloat16 (tensor cores, the fused attention kernels) starts at Ampere, sm80."""
+    return arch >= (8, 0)
+
+
+def attention_kernel(dtype: torch.dtype, arch: tuple[int, int]) -> str:
+    """The SDPA kernel a card of `arch` runs in `dtype` (PyTorch's sdp_utils): flash from sm80 in float16 and
+    bfloat16; the memory-efficient kernel from sm50 in float16 and float32, in bfloat16 from sm80; else math."""
+    if arch >= (8, 0):
+        return "flash" if dtype in (torch.float16, torch.bfloat16) else "efficient"
+    return "efficient" if dtype in (torch.float16, torch.float32) else "math"
+
+
+def cublas_workspace_bytes(arch: tuple[int, int]) -> int:
+    """cuBLAS's and cuBLASLt's workspaces on the run's one stream, held by the allocator for the process's life:
+    PyTorch's default CUBLAS_WORKSPACE_CONFIG, :4096:8 (32 MiB) from Hopper (sm90), else :4096:2:16:8 (8.1 MiB)."""
+    per_handle = 4096 * 1024 * 8 if arch >= (9, 0) else 4096 * 1024 * 2 + 16 * 1024 * 8
+    return 2 * per_handle
+
+
+def expandable_segments(environ=os.environ) -> bool:
+    """Whether a run started in `environ` allocates with expandable segments: `use_expandable_segments` sets them
+    unless PYTORCH_CUDA_ALLOC_CONF (or PYTORCH_ALLOC_CONF) is set, and then it says."""
+    conf = environ.get("PYTORCH_CUDA_ALLOC_CONF", environ.get("PYTORCH_ALLOC_CONF"))
+    return conf is None or "expandable_segments:true" in conf.replace(" ", "").lower()
+
+
+def use_expandable_segments(environ=os.environ) -> bool:
+    """Before CUDA initialises: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless the user set an allocator
+    configuration (theirs is kept). The allocator reads it once, when CUDA initialises, so once it has (a notebook
+    that used the GPU already) nothing is changed. Returns whether the allocator will use them."""
+    user = "PYTORCH_CUDA_ALLOC_CONF" in environ or "PYTORCH_ALLOC_CONF" in environ
+    if user:
+        return expandable_segments(environ)
+    if torch.cuda.is_initialized():
+        return False
+    environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    return True
+
+
+def card_spend(p: Plan, arch: tuple[int, int] = (8, 0), expandable: bool = True,
+               context: int = CUDA_CONTEXT_BYTES) -> dict:
+    """What a card spends on `p`'s phases, by term: each phase's allocated peak, the allocator's blocks beyond it
+    (`ALLOCATOR_OVERHEAD`), cuBLAS's workspaces and the CUDA context (0: already spent, as on a card whose free
+    memory is measured); `peak` the largest phase's total."""
+    factor = ALLOCATOR_OVERHEAD["expandable_segments" if expandable else "default"]
+    phases = {}
+    for phase, allocated in (("rollout", p.static + p.rollout), ("update", p.static + p.update)):
+        terms = {"allocated": allocated, "allocator": math.ceil(factor * allocated),
+                 "cublas_workspace": cublas_workspace_bytes(arch), "cuda_context": context}
+        phases[phase] = {**terms, "total": sum(terms.values())}
+    return {"allocator_setting": "expandable_segments" if expandable else "default", "allocator_factor": factor,
+            "gpu_arch": arch_name(arch), **phases, "peak": max(v["total"] for v in phases.values())}
 
 
 def halvings(size: int) -> list[int]:
@@ -212,17 +321,18 @@ def halvings(size: int) -> list[int]:
     return out
 
 
-def choose_sizes(cfg: TrainConfig, shape: ModelShape, free_bytes: int, seq: SequenceShape | None = None,
-                 margin: float = 0.1) -> tuple[int, int, Plan]:
+def choose_sizes(cfg: TrainConfig, shape: ModelShape, memory_bytes: int, seq: SequenceShape | None = None,
+                 arch: tuple[int, int] = (8, 0), expandable: bool = True,
+                 context: int = CUDA_CONTEXT_BYTES) -> tuple[int, int, Plan]:
     """(rollout chunk, update micro-batch, the plan at those sizes): the largest of the out-of-memory fallbacks'
-    sizes whose phase fits `free_bytes` less `margin` (the allocator's fragmentation, kernels' workspaces); 1
+    sizes whose phase, with what the card spends beyond its allocations (`card_spend`), fits `memory_bytes`; 1
     when none does (the fallbacks then have the last word)."""
-    budget = free_bytes * (1 - margin)
-    chunk = next((r for r in halvings(cfg.generation_batch_size)
-                  if plan(cfg, shape, seq, r, 1).static + plan(cfg, shape, seq, r, 1).rollout <= budget), 1)
-    micro = next((m for m in halvings(cfg.training_batch_size)
-                  if plan(cfg, shape, seq, chunk, m).static + plan(cfg, shape, seq, chunk, m).update <= budget), 1)
-    return chunk, micro, plan(cfg, shape, seq, chunk, micro)
+    def fits(r: int, m: int, phase: str) -> bool:
+        return card_spend(plan(cfg, shape, seq, r, m, arch=arch), arch, expandable, context)[phase]["total"] <= memory_bytes
+
+    chunk = next((r for r in halvings(cfg.generation_batch_size) if fits(r, 1, "rollout")), 1)
+    micro = next((m for m in halvings(cfg.training_batch_size) if fits(chunk, m, "update")), 1)
+    return chunk, micro, plan(cfg, shape, seq, chunk, micro, arch=arch)
 
 
 def parse_bytes(text: str) -> int:
@@ -243,44 +353,110 @@ def parse_bytes(text: str) -> int:
     return value
 
 
-def format_plan(p: Plan, free_bytes: int | None = None, title: str = "") -> str:
-    """The plan as a table: each term, each phase's peak, in GB."""
+def format_plan(p: Plan, spend: dict | None = None, title: str = "") -> str:
+    """The plan as a table: each term, each phase's peak, in GB; with `spend` (`card_spend`) what the card spends
+    on each phase beyond it."""
     t = p.terms
+    extra = lambda *names: "".join(f", {k.replace('_', ' ')} %.2f" % (t[k] / GB) for k in names if t[k])  # noqa: E731
     rows = [("static", p.static, "weights %.2f, adapter %.3f, optimizer %.3f" % tuple(
-        t[k] / GB for k in ("weights", "adapter", "optimizer"))),
+        t[k] / GB for k in ("weights", "adapter", "optimizer")) + extra("cuda_graph_pool")),
             (f"rollout, {p.rollout_rows} rows", p.static + p.rollout,
              "KV cache %.2f, kept logits %.2f, step transient %.2f, oracle %.2f" % tuple(
-                 t[k] / GB for k in ("kv_cache", "kept_logits", "rollout_transient", "oracle"))),
+                 t[k] / GB for k in ("kv_cache", "kept_logits", "rollout_transient", "oracle")) +
+             extra("math_attention")),
             (f"update, micro-batch {p.micro_batch}", p.static + p.update,
              "activations %.2f, loss buffers %.2f, the batch's kept logits %.2f, gradients %.3f" % tuple(
-                 t[k] / GB for k in ("activations", "loss_buffers", "batch_kept_logits", "gradients")))]
+                 t[k] / GB for k in ("activations", "loss_buffers", "batch_kept_logits", "gradients")) +
+             extra("compile_kv_pool", "math_attention_update"))]
     lines = [title] if title else []
-    lines += ["| phase | peak (GB) | terms (GB) |", "|---|---|---|"]
-    lines += [f"| {name} | {total / GB:.2f} | {what} |" for name, total, what in rows]
-    if free_bytes is not None:
-        lines.append(f"peak {p.peak / GB:.2f} GB of {free_bytes / GB:.2f} GB")
+    header = "| phase | allocated (GB) | terms (GB) |"
+    lines += [header + (" on the card (GB) |" if spend else ""), "|---|---|---|" + ("---|" if spend else "")]
+    for name, total, what in rows:
+        phase = name.split(",")[0]
+        card = ""
+        if spend and phase in spend:
+            x = spend[phase]
+            card = " %.2f (allocator %.2f, context %.2f, cuBLAS %.2f) |" % (
+                x["total"] / GB, x["allocator"] / GB, x["cuda_context"] / GB, x["cublas_workspace"] / GB)
+        elif spend:
+            card = " |"
+        lines.append(f"| {name} | {total / GB:.2f} | {what} |{card}")
     return "\n".join(lines)
 
 
-def memory_report(cfg: TrainConfig, shape: ModelShape, free_bytes: int, as_json: bool = False,
-                  cards: tuple[int, ...] = (24 * 10**9, 80 * 10**9)) -> str:
-    """`python -m attnrl_core memory`: the plan at the config's sizes, the sizes chosen for `free_bytes`, what
-    `evaluate` (its defaults: chunks of 32 rows, no kept logits, the oracle) peaks at, and the sizes for `cards`."""
-    chunk, micro, chosen = choose_sizes(cfg, shape, free_bytes)
-    at_config = plan(cfg, shape)
-    evaluation = plan(cfg, shape, rollout_rows=min(32, cfg.generation_batch_size), keep_query_logits=False, oracle=True)
-    others = {f"{c / GB:.0f}GB": choose_sizes(cfg, shape, c)[:2] for c in cards}
+def largest_batch(cfg: TrainConfig, shape: ModelShape, memory_bytes: int, arch: tuple[int, int], expandable: bool,
+                  context: int = CUDA_CONTEXT_BYTES) -> dict | None:
+    """The largest generation batch (halving from the config's) whose rollout and update fit `memory_bytes` at some
+    chunk and micro-batch, and the sizes: what fits a card the config's batch does not; None if none does."""
+    for batch in halvings(cfg.generation_batch_size):
+        if batch % cfg.trajectories_per_article:
+            continue
+        local = cfg.replace(generation_batch_size=batch, training_batch_size=min(batch, cfg.training_batch_size))
+        chunk, micro, p = choose_sizes(local, shape, memory_bytes, arch=arch, expandable=expandable, context=context)
+        spend = card_spend(p, arch, expandable, context)
+        if spend["peak"] <= memory_bytes:
+            return {"generation_batch_size": batch, "rollout_chunk": chunk, "micro_batch": micro,
+                    "card_peak": spend["peak"]}
+    return None
+
+
+def memory_report(cfg: TrainConfig, shape: ModelShape, memory_bytes: int, as_json: bool = False,
+                  cards: tuple[int, ...] = (24 * 10**9, 80 * 10**9), arch: tuple[int, int] = (8, 0),
+                  expandable: bool | None = None) -> str:
+    """`python -m attnrl_core memory`: the plan at the config's sizes with what a card of compute capability `arch`
+    and `memory_bytes` spends beyond it (`card_spend`; `expandable` default: what a run started here would use), the
+    sizes chosen for it, what `evaluate` (its defaults: chunks of 32 rows, no kept logits, the oracle) peaks at, and
+    the sizes for `cards`. Where the card has no bfloat16 and the plan is in bfloat16: that `train` refuses it, and
+    the largest batch that fits in float16 and in float32."""
+    expandable = expandable_segments() if expandable is None else expandable
+    at_config = plan(cfg, shape, arch=arch)
+    spend = card_spend(at_config, arch, expandable)
+    chunk, micro, chosen = choose_sizes(cfg, shape, memory_bytes, arch=arch, expandable=expandable)
+    chosen_spend = card_spend(chosen, arch, expandable)
+    evaluation = plan(cfg, shape, rollout_rows=min(32, cfg.generation_batch_size), keep_query_logits=False,
+                      oracle=True, arch=arch)
+    evaluation_card = card_spend(evaluation, arch, expandable)["rollout"]["total"]
+    others = {f"{c / GB:.0f}GB": choose_sizes(cfg, shape, c, arch=arch, expandable=expandable)[:2] for c in cards}
+    refused = shape.dtype == torch.bfloat16 and not has_bfloat16(arch)
+    fits = {name: largest_batch(cfg, dataclasses.replace(shape, dtype=dtype), memory_bytes, arch, expandable)
+            for name, dtype in (("float16", torch.float16), ("float32", torch.float32))} if refused else None
+    kernel = attention_kernel(shape.dtype, arch)
     if as_json:
-        return json.dumps({"shape": {**asdict(shape), "dtype": str(shape.dtype)}, "gpu_memory": free_bytes,
-                           "plan": at_config.as_dict(), "chosen": {"rollout_chunk": chunk, "micro_batch": micro,
-                                                                   "plan": chosen.as_dict()},
-                           "evaluate_peak": evaluation.static + evaluation.rollout,
-                           "other_cards": {k: {"rollout_chunk": r, "micro_batch": m} for k, (r, m) in others.items()}})
-    lines = [format_plan(at_config, title=f"{cfg.preset} at its sizes ({shape.layers} layers, vocabulary {shape.vocab}, "
-                                            f"{shape.dtype}; gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}):"),
-             f"evaluate (chunks of {evaluation.rollout_rows} rows, oracle): peak "
-             f"{(evaluation.static + evaluation.rollout) / GB:.2f} GB",
-             f"for {free_bytes / GB:.1f} GB: rollout chunk {chunk}, update micro-batch {micro} "
-             f"(accumulation x{cfg.training_batch_size // micro}); peak {chosen.peak / GB:.2f} GB"]
+        out = {"shape": {**asdict(shape), "dtype": str(shape.dtype)}, "gpu_memory": memory_bytes,
+               "gpu_arch": arch_name(arch), "attention_kernel": kernel,
+               "allocator_setting": spend["allocator_setting"],
+               "plan": {**at_config.as_dict(), "card": spend},
+               "chosen": {"rollout_chunk": chunk, "micro_batch": micro,
+                          "plan": {**chosen.as_dict(), "card": chosen_spend}},
+               "evaluate_peak": evaluation.static + evaluation.rollout, "evaluate_card_peak": evaluation_card,
+               "other_cards": {k: {"rollout_chunk": r, "micro_batch": m} for k, (r, m) in others.items()}}
+        if refused:
+            out["refused"] = refused_message(arch)
+            out["fits"] = fits
+        return json.dumps(out)
+    title = (f"{cfg.preset} at its sizes ({shape.layers} layers, vocabulary {shape.vocab}, {shape.dtype}; gradient "
+             f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}; {arch_name(arch)}, {kernel} attention; "
+             f"allocator {spend['allocator_setting']} (+{spend['allocator_factor']:.0%})):")
+    lines = [format_plan(at_config, spend, title),
+             f"evaluate (chunks of {evaluation.rollout_rows} rows, oracle): allocated "
+             f"{(evaluation.static + evaluation.rollout) / GB:.2f} GB, on the card {evaluation_card / GB:.2f} GB"]
+    if refused:
+        lines.append(refused_message(arch))
+        for name, fit in fits.items():
+            lines.append(f"  --dtype {name}: " + ("nothing fits" if fit is None else
+                         f"generation batch {fit['generation_batch_size']}, rollout chunk {fit['rollout_chunk']}, "
+                         f"micro-batch {fit['micro_batch']}; {fit['card_peak'] / GB:.2f} GB on the card"))
+        return "\n".join(lines)
+    lines.append(f"for {memory_bytes / GB:.1f} GB: rollout chunk {chunk}, update micro-batch {micro} "
+                 f"(accumulation x{cfg.training_batch_size // micro}); {chosen_spend['peak'] / GB:.2f} GB on the card "
+                 f"({chosen.peak / GB:.2f} allocated)")
     lines += [f"for {k}: rollout chunk {r}, update micro-batch {m}" for k, (r, m) in others.items()]
     return "\n".join(lines)
+
+
+def refused_message(arch: tuple[int, int], device_name: str = "") -> str:
+    """The one line `train` stops with on a card without bfloat16 (before the model loads)."""
+    card = f"{device_name} ({arch_name(arch)})" if device_name else arch_name(arch)
+    return (f"{card} has no bfloat16 (it needs sm80+): use --dtype float16 (the same memory; no loss scaling here, a "
+            f"non-finite step is skipped) or --dtype float32 at a smaller --generation_batch_size (see `python -m "
+            f"attnrl_core memory --gpu_arch {arch_name(arch)}`)")

@@ -29,16 +29,17 @@ from .distributed import Ranks, launched_ranks
 from .embeddings import key_embedding_fn
 from .evaluate import heldout_batch, trained_policy_score
 from .files import append_jsonl, truncate_jsonl
-from .host import (hardware_state, keep_freed_memory, peak_memory_bytes, reset_peak_memory, seed_everything,
-                   share_cpu, sharing_cpu)
-from .model import head_geometry, load_policy, load_tokenizer, resolve_device
+from .host import (hardware_state, keep_freed_memory, peak_memory_bytes, phase_memory, reset_peak_memory,
+                   seed_everything, share_cpu, sharing_cpu)
+from .model import head_geometry, load_policy, load_tokenizer, resolve_device, resolve_dtype
 from .resilience import FallbackState, rollout_resilient, update_resilient
 from .rollout import decode_step_for, rollout_options
 from .rundir import choice_metrics, episode_metrics, prepare_run_dir, trajectory_records, write_config
 from .tracking import Trackers, parse_report_to
 from .filtering import RunningStats, filter_batch, warmup_episodes, warmup_message
 from .loss import advantages
-from .memory import GB, ModelShape, SequenceShape, choose_sizes
+from .memory import (GB, ModelShape, SequenceShape, card_spend, choose_sizes, detected_arch, expandable_segments,
+                     has_bfloat16, refused_message, use_expandable_segments)
 from .training import choice_target_options, hindsight_options, make_optimizer, read_length, update_options
 from .viz import save_run_figures
 
@@ -79,8 +80,9 @@ def validate_inputs(cfg: TrainConfig, resume: bool):
     """Everything that can be checked before the model is loaded, in seconds: run directory, device,
     tokenizer (model name), dataset, and that some article is long enough.
     Returns (run dir, checkpoint to resume from or None, device, tokenizer)."""
-    out, ckpt = prepare_run_dir(cfg, resume)
     device = resolve_device(cfg)
+    check_card(cfg, device)
+    out, ckpt = prepare_run_dir(cfg, resume)
     try:
         tokenizer = load_tokenizer(cfg)
     except (OSError, ValueError) as e:
@@ -94,6 +96,18 @@ def validate_inputs(cfg: TrainConfig, resume: bool):
                          f"{longest // cfg.tokens_per_kv_pair} or shorter chunks")
     next(long_articles(cfg, tokenizer))
     return out, ckpt, device, tokenizer
+
+
+def check_card(cfg: TrainConfig, device: torch.device, arch: tuple[int, int] | None = None, name: str = "") -> None:
+    """On CUDA, before the model loads: a card without bfloat16 (below sm80: T4, V100) refuses a bfloat16 run in one
+    line that names the dtypes that work (`memory.refused_message`); float16 runs as asked. `arch`/`name`: the
+    card's, asked from CUDA when None."""
+    if device.type != "cuda":
+        return
+    if arch is None:
+        arch, name = torch.cuda.get_device_capability(device), torch.cuda.get_device_name(device)
+    if resolve_dtype(cfg, device) == torch.bfloat16 and not has_bfloat16(arch):
+        raise ValueError(refused_message(arch, name))
 
 
 def _restore(out: Path, ckpt: Path, model, optimizer, ranks: Ranks) -> tuple[RunningStats, int, DataPosition]:
@@ -114,6 +128,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     Launched by torchrun or `accelerate launch`, every process runs this as one rank of a data-parallel
     run (`distributed`); rank 0 alone writes the run directory."""
     ranks = launched_ranks()
+    if cfg.device != "cpu" and torch.cuda.is_available():  # the allocator reads it once, when CUDA initialises
+        use_expandable_segments()
     out, ckpt, device, tokenizer = validate_inputs(cfg, resume)
     device = torch.device("cuda", ranks.local_rank) if device.type == "cuda" and ranks.world > 1 else device
     ranks.rows(cfg.generation_batch_size)  # refuses a batch that does not split, before the group is joined
@@ -170,10 +186,12 @@ def _train(cfg: TrainConfig, ranks: Ranks, out: Path, ckpt: Path | None, device:
                                           **rollout_options(cfg, decode))
                 traj = local.gathered(batch, ranks)
                 t1 = time.perf_counter()
+                memory = phase_memory(device, "rollout")  # on CUDA each phase's peaks, allocated and reserved
                 # 4-6. filtering, then the policy update on the selected trajectories
                 finite, selected, threshold, advantage, upd, choice, written = _filter_and_update(
                     cfg, episode, model, optimizer, traj, local, stats, sizes, describe, ranks, device)
                 t2 = time.perf_counter()
+                memory.update(phase_memory(device, "update"))
                 nonfinite_streak = _nonfinite_streak(nonfinite_streak, finite and not (choice and choice.skipped)
                                                      and not (written and written.skipped), upd,
                                                      cfg.max_nonfinite)
@@ -181,7 +199,9 @@ def _train(cfg: TrainConfig, ranks: Ranks, out: Path, ckpt: Path | None, device:
                 if ranks.main:  # 7. logging and checkpoints
                     metrics = episode_metrics(episode, traj, selected, threshold, upd, stats, finite, (t1 - t0, t2 - t1),
                                               _tokens_read(traj, selected, upd, local.query_logits is None), advantage,
-                                              devices=ranks.world, peak_memory_bytes=peak_memory_bytes(device),
+                                              devices=ranks.world, peak_memory_bytes=max(
+                                                  peak_memory_bytes(device), memory.get("rollout_peak_allocated_bytes", 0)),
+                                              **memory,
                                               **choice_metrics(local, choice, cfg.choice_target_score, written),
                                               **vars(sizes))
                     if heldout is not None and (episode % cfg.eval_every == 0 or episode == cfg.num_episodes):
@@ -244,16 +264,21 @@ def _filter_and_update(cfg: TrainConfig, episode: int, model, optimizer, traj, l
     return finite, selected, threshold, advantage, upd, choice, written
 
 
-def planned_sizes(cfg: TrainConfig, model, sep, memory_bytes: int, world: int = 1) -> FallbackState:
+def planned_sizes(cfg: TrainConfig, model, sep, memory_bytes: int, world: int = 1,
+                  arch: tuple[int, int] | None = None) -> FallbackState:
     """The rollout chunk and update micro-batch (`memory.choose_sizes`) that fit `memory_bytes` (a GPU's free memory
     plus what this process already holds: the plan counts the weights), accumulation raised so that an optimizer
     step still covers training_batch_size x gradient_accumulation_steps trajectories; logged."""
     shape = ModelShape.from_config(model.config, _weights_dtype(model))
     seq = SequenceShape.of(cfg, len(sep.bos), len(sep.query), len(sep.response))
     local = cfg.replace(generation_batch_size=cfg.generation_batch_size // world)
-    chunk, micro, p = choose_sizes(local, shape, memory_bytes, seq)
-    log.info("memory plan for %.1f GB: rollout chunk %d of %d, update micro-batch %d of %d (peak %.1f GB)",
-             memory_bytes / GB, chunk, local.generation_batch_size, micro, cfg.training_batch_size, p.peak / GB)
+    arch, expandable = arch or detected_arch(), expandable_segments()
+    # the context is spent already: `memory_bytes` is what is free to this process
+    chunk, micro, p = choose_sizes(local, shape, memory_bytes, seq, arch=arch, expandable=expandable, context=0)
+    spend = card_spend(p, arch, expandable, context=0)
+    log.info("memory plan for %.1f GB: rollout chunk %d of %d, update micro-batch %d of %d (peak %.1f GB allocated, "
+             "%.1f GB with the allocator's blocks and workspaces)", memory_bytes / GB, chunk, local.generation_batch_size,
+             micro, cfg.training_batch_size, p.peak / GB, spend["peak"] / GB)
     return FallbackState(chunk, micro, cfg.gradient_accumulation_steps * (cfg.training_batch_size // micro))
 
 

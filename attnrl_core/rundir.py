@@ -66,7 +66,8 @@ METRICS = {
     "tokens_per_second_per_device": "tokens_per_second / the number of processes (devices) of a data-parallel run: "
                                     "the figure other RL trainers report",
     "peak_memory_bytes": "peak CUDA memory allocated (GPU) or peak resident set size (CPU); process 0's in a "
-                         "data-parallel run",
+                         "data-parallel run; on CUDA beside it each phase's peaks, rollout_/update_peak_allocated_bytes "
+                         "and rollout_/update_peak_reserved_bytes, and outside_allocator_bytes (`host.phase_memory`)",
     "rollout_chunk": "trajectories rolled out together (below generation_batch_size after an out-of-memory); per "
                      "process in a data-parallel run (generation_batch_size / processes at most)",
     "micro_batch": "update micro-batch size in use (halved, with accumulation doubled, after an out-of-memory)",

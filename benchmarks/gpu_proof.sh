@@ -5,6 +5,8 @@
 #   2. a Llama-3.2-3B-shaped model with random weights, saved locally (no Hub);
 #   3. `train` at SPEC's sizes for 3 episodes in bf16, the process held to 16 GB
 #      (`torch.cuda.set_per_process_memory_fraction`), SIGKILLed after its first checkpoint, then `--resume`d;
+#      each episode's peak allocated and reserved memory per phase (train.json) beside the memory plan's figures
+#      for the card and the bare CUDA context (memory.json);
 #   4. the tests that need CUDA (`pytest -m cuda`: tests/test_cuda.py);
 #   5. the decode step timed plain, fixed-shape and compiled against the HBM bound, the fixed-shape and compiled
 #      steps run under `torch.cuda.set_sync_debug_mode("error")` (benchmarks/gpu_proof.py decode);
@@ -89,10 +91,30 @@ timeout 300 "${TRAIN[@]}" train --resume --output_dir "$RUN" --no_progress >> "$
 "$PY" - "$RUN" > "$OUT/train.json" <<'EOF'
 import json, sys
 rows = [json.loads(line) for line in open(f"{sys.argv[1]}/metrics.jsonl")]
-keys = ("episode", "reward", "seconds", "peak_memory_bytes", "tokens_per_second")
+keys = ("episode", "reward", "seconds", "peak_memory_bytes", "tokens_per_second", "rollout_chunk", "micro_batch",
+        # on CUDA, each phase's peaks of every episode (issue 38): the plan's error is read off these
+        "rollout_peak_allocated_bytes", "rollout_peak_reserved_bytes", "update_peak_allocated_bytes",
+        "update_peak_reserved_bytes", "outside_allocator_bytes")
 print(json.dumps({"episodes": [{k: r.get(k) for k in keys} for r in rows]}))
 EOF
 log "train: $(cat "$OUT/train.json")"
+# beside it, the plan's figures for the same run and card, and the bare CUDA context (before any kernel loads)
+"$PY" -m attnrl_core memory "${SIZES[@]}" --gpu_memory "$([[ $CAP == 0 ]] && echo 16 || echo "$CAP")GB" --json \
+  > "$OUT/memory_plan.json"
+"$PY" - "$OUT/memory_plan.json" > "$OUT/memory.json" <<'EOF'
+import json, sys
+import torch
+plan = json.loads(open(sys.argv[1]).read())
+context = None
+if torch.cuda.is_available():
+    torch.zeros(1, device="cuda")
+    free, total = torch.cuda.mem_get_info()
+    context = total - free - torch.cuda.memory_reserved()
+print(json.dumps({"context_bytes": context, "plan_rollout": plan["chosen"]["plan"]["card"]["rollout"],
+                  "plan_update": plan["chosen"]["plan"]["card"]["update"], "gpu_arch": plan["gpu_arch"],
+                  "allocator_setting": plan["allocator_setting"]}))
+EOF
+log "memory: $(cat "$OUT/memory.json")"
 [[ $(wc -l < "$RUN/metrics.jsonl") == 3 ]] || { log "expected 3 episodes after the resume"; exit 1; }
 
 log "4. the tests that need CUDA"

@@ -23,7 +23,9 @@ def test_gpu_proof_dry_run_writes_every_figure(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     train = json.loads((out / "train.json").read_text())
     assert [e["episode"] for e in train["episodes"]] == [1, 2, 3]
-    assert "resuming" in (out / "train.log").read_text()  # killed after episode 1, finished by --resume
+    assert "resuming" in (out / "train.log").read_text()
+    memory = json.loads((out / "memory.json").read_text())  # on the CPU: the plan, no context to measure
+    assert memory["plan_rollout"]["total"] > memory["plan_rollout"]["allocated"] > 0 and memory["context_bytes"] is None  # killed after episode 1, finished by --resume
     decode = json.loads((out / "decode.json").read_text())
     for key in ("plain_ms", "fixed_shape_ms", "compiled_ms", "bytes_per_step", "bandwidth_bytes_per_second",
                 "compiled_fraction_of_bandwidth_bound"):
