@@ -38,7 +38,7 @@ learning-check: setup
 		--output_dir $(OVERFIT) $(FLAGS)
 	$(PY) -m attnrl_core learning_check --run_dir $(OVERFIT)
 
-# The README's two images, written on purpose: notebooks never write over a file in git, so this target
+# The two images of docs/notebooks.md, written on purpose: notebooks never write over a file in git, so this target
 # runs them with their figure_path aimed at figures/: 03's heat map at its defaults, and 05's reward curve of
 # a run of `make train`'s command (about 3 min on 2 cores; the executed notebooks go to the ignored outputs/).
 README_RUN := runs/readme-$(shell date +%Y%m%d-%H%M%S)

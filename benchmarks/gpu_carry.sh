@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepare, on a machine with PyPI, what `benchmarks/gpu_proof.sh` needs on a bare GPU machine without internet
-# (README "On a GPU"), within the device's 64 MiB a call (working tree included):
+# (docs/gpu.md), within the device's 64 MiB a call (working tree included):
 #   .whl/        the wheels the lent H200s lack or hold too old (their image: torch 2.11, transformers 5.17,
 #                huggingface_hub 1.33, no bitsandbytes, datasets or kernels), at the versions of this .venv; the
 #                bitsandbytes wheel cut to its CPU and CUDA 13.0 libraries (43 MB -> about 4 MB; the H200s run

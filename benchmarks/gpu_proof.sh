@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared proof of the GPU path, for the day a GPU is lent (README "On a GPU"; issue 28). In at most about
+# One prepared proof of the GPU path, for the day a GPU is lent (docs/gpu.md; issue 28). In at most about
 # 8 minutes on one H100/H200, every figure as JSON in one folder:
 #   1. the wheels it is handed (WHEELS=DIR: installed into /tmp/site, first on PYTHONPATH);
 #   2. a Llama-3.2-3B-shaped model with random weights, saved locally (no Hub);
@@ -46,7 +46,7 @@ open(sys.argv[1], "w").write(json.dumps({**found, "cuda": torch.cuda.is_availabl
 old = [f"{p} {found[p]} < {MIN_VERSIONS[p]}" for p in ("transformers", "peft")
        if _version_tuple(found[p]) < _version_tuple(MIN_VERSIONS[p])]
 if old:
-    sys.exit(f"gpu_proof: {', '.join(old)}: bring newer wheels with WHEELS=DIR (README 'On a GPU')")
+    sys.exit(f"gpu_proof: {', '.join(old)}: bring newer wheels with WHEELS=DIR (docs/gpu.md)")
 EOF
 log "versions: $(cat "$OUT/versions.json")"
 
