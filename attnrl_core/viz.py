@@ -329,33 +329,49 @@ def plot_logprob_per_step(trajectories: list[dict]):
     return fig
 
 
+# one colour, marker and line per evaluation method in every panel (and a colour for the oracle's best pair, which
+# is no method), so that a colour keeps its meaning across panels and equal curves stay visible side by side
+METHOD_STYLE = {"trained": ("tab:blue", "o", "-"), "untrained": ("tab:orange", "s", "--"),
+                "random": ("tab:grey", "^", ":"), "natural": ("tab:brown", "D", "-.")}
+BEST_COLOR = "tab:purple"
+
+
 def plot_evaluation(report: dict):
     """Held-out comparison: paired differences trained - baseline (reward and value log-prob, 95% CIs over
-    articles), the per-step oracle fraction with its CI, and the value log-prob per step of every method."""
+    articles; a baseline's colour, `METHOD_STYLE`), the per-step oracle fraction with its CI (random choice and
+    chosen in the random and trained colours), and the value log-prob per step of every method (its own colour,
+    marker and dash, offset sideways so that methods with equal values do not hide each other)."""
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     paired = report.get("paired", {})
     names = list(paired)
-    for offset, (key, color) in enumerate((("reward", "tab:green"), ("logprob", "tab:blue"))):
+    for offset, (key, marker) in enumerate((("reward", "o"), ("logprob", "s"))):
         means = np.array([paired[n]["mean"] if key == "reward" else paired[n]["logprob"]["mean"] for n in names])
         cis = np.array([paired[n]["ci"] if key == "reward" else paired[n]["logprob"]["ci"] for n in names]).reshape(-1, 2)
         y = np.arange(len(names)) + (offset - 0.5) * 0.3
-        axes[0].errorbar(means, y, xerr=[means - cis[:, 0], cis[:, 1] - means], fmt="o", color=color, capsize=4,
-                         label="reward" if key == "reward" else "value log-prob")
+        for k, n in enumerate(names):
+            color = METHOD_STYLE.get(n.removeprefix("trained-"), ("black",))[0]
+            axes[0].errorbar(means[k], y[k], xerr=[[means[k] - cis[k, 0]], [cis[k, 1] - means[k]]], fmt=marker,
+                             color=color, mfc=color if key == "reward" else "white", capsize=4)
+        axes[0].plot([], [], marker, color="black", mfc="black" if key == "reward" else "white", ls="none",
+                     label="reward" if key == "reward" else "value log-prob")
     axes[0].axvline(0, color="black", lw=0.5)
     axes[0].set_yticks(range(len(names)), names)
     axes[0].set(title="paired difference (95% CI over articles)", xlabel="trained - baseline")
     axes[0].legend(fontsize=8)
     if "oracle" in report:
         o = report["oracle"]
-        axes[1].bar(["random choice", "chosen", "best of\neach step"], [o["mean"], o["chosen"], o["best"]],
-                    color=["tab:grey", "tab:green", "tab:purple"])
+        axes[1].bar(["random choice", "chosen (trained)", "best of\neach step"], [o["mean"], o["chosen"], o["best"]],
+                    color=[METHOD_STYLE["random"][0], METHOD_STYLE["trained"][0], BEST_COLOR])
         axes[1].axhline(0, color="black", lw=0.5)
         lo, hi = o["ci"]
         axes[1].set(title=f"per-step oracle fraction {o['fraction']:+.2f} [{lo:+.2f}, {hi:+.2f}]",
                     ylabel="mean reward per step")
-    for m, r in report["methods"].items():
-        steps = r["logprob_per_step"]
-        axes[2].plot(range(len(steps)), steps, "o-", label=m)
+    methods = report["methods"]
+    for k, (m, r) in enumerate(methods.items()):
+        steps = np.asarray(r["logprob_per_step"], dtype=float)
+        color, marker, dash = METHOD_STYLE.get(m, ("black", "x", "-"))
+        shift = (k - (len(methods) - 1) / 2) * 0.06
+        axes[2].plot(np.arange(len(steps)) + shift, steps, marker=marker, ls=dash, color=color, mfc="none", label=m)
     axes[2].set(title="value log-prob per step", xlabel="step")
     axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[2].legend(fontsize=8)

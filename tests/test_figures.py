@@ -4,6 +4,7 @@ root, warm-up said in words, and the texts behind notebook 02's checks. No model
 import logging
 
 import matplotlib
+import matplotlib.colors as mcolors
 import matplotlib.pyplot as plt
 import pytest
 import torch
@@ -139,4 +140,25 @@ def test_the_power_note_says_when_intervals_mean_nothing(articles, mde, says):
     report = {"articles": articles, "samples_per_article": 2,
               "power": {"minimum_detectable_effect": mde, "articles_needed": {"0.01": 180, "0.02": 46}}}
     assert says in power_note(report)
-    assert mde is None or "0.02 needs about 46 articles" in power_note(report)
+    # from 3 articles no article count is printed (a demo once read "4296 or more articles")
+    assert ("0.02 needs about 46 articles" in power_note(report)) is (articles >= 10 and mde is not None)
+
+
+def test_evaluation_figure_keeps_each_method_visible_and_its_colour():
+    """Issue 40: methods with identical curves were drawn on top of each other, and green meant "reward" in one
+    panel and "chosen" in the next. Now every method has one colour in every panel and equal curves sit side by
+    side."""
+    same = {"logprob_per_step": [-3.0, -2.5, -2.0]}
+    report = {"checkpoint": "episode-2", "units": 4, "articles": 2, "samples_per_article": 1,
+              "methods": {m: dict(same) for m in ("trained", "untrained", "random", "natural")},
+              "paired": {f"trained-{m}": {"mean": 0.0, "ci": [-0.1, 0.1], "logprob": {"mean": 0.0, "ci": [-0.1, 0.1]}}
+                         for m in ("untrained", "random", "natural")},
+              "oracle": {"mean": 0.0, "chosen": 0.01, "best": 0.2, "fraction": 0.05, "ci": [-0.5, 0.6]}}
+    fig = viz.plot_evaluation(report)
+    lines = {line.get_label(): line for line in fig.axes[2].get_lines()}
+    xs = [tuple(lines[m].get_xdata()) for m in viz.METHOD_STYLE]
+    assert len(set(xs)) == 4  # equal values, four visible curves
+    bars = fig.axes[1].patches
+    for bar, method in zip(bars[:2], ("random", "trained")):
+        assert mcolors.same_color(bar.get_facecolor(), lines[method].get_color())
+    plt.close(fig)

