@@ -165,6 +165,30 @@ def oracle_summary(traj: Trajectory, samples: int, seed: int, articles: list[str
     return {**result, "definition": ORACLE_DEFINITION}, {k: v.tolist() for k, v in units.items()}
 
 
+def rescore(report: dict) -> dict:
+    """A saved report with its intervals and power recomputed from its per-unit values by today's methods (a
+    report written before issue 37 carries percentile-bootstrap intervals, which under-cover at a dozen articles,
+    and a half-width where the power belongs); `rescored` says so. The report on disk is not changed."""
+    units, seed, articles = report["per_unit"], report["seed"], report["per_unit"]["articles"]
+    arrays = {m: {k: np.asarray(v[k], dtype=np.float64) for k in ("reward", "logprob")} for m, v in units.items()
+              if m in METHODS}
+    if "trained" not in arrays:
+        return report
+    paired = {f"trained-{m}": {
+        **paired_difference(arrays["trained"]["reward"], a["reward"], seed=seed, clusters=articles),
+        "logprob": paired_difference(arrays["trained"]["logprob"], a["logprob"], seed=seed, clusters=articles)}
+        for m, a in arrays.items() if m != "trained"}
+    out = {**report, "paired": paired, "rescored": "intervals and power recomputed from the saved per-unit values"}
+    if "oracle" in units:
+        o = {k: np.asarray(units["oracle"][k], dtype=np.float64) for k in ("chosen", "mean", "best")}
+        out["oracle"] = {**oracle_fraction(o["chosen"], o["mean"], o["best"], seed=seed, clusters=articles),
+                         "definition": ORACLE_DEFINITION}
+    if "random" in arrays:
+        out["power"] = {"comparison": "trained-random", "samples_per_unit": report["samples_per_article"],
+                        **power_analysis(paired["trained-random"])}
+    return out
+
+
 def _nan_to_none(x: float) -> float | None:
     return None if x != x else x
 
@@ -257,7 +281,8 @@ def format_report(report: dict) -> str:
         lines.append(f"{name:10s} {r['logprob']:15.4f} {r['reward']:10.4f} {entropy:>18s} {r.get('seconds', 0):8.1f}")
     method = next(iter(report.get("paired", {}).values()), {}).get("method", "bootstrap")  # older reports: bootstrap
     lines.append(f"paired: 95% CI over the {report['articles']} articles by "
-                 f"{'a cluster-robust t' if method == 't' else 'the percentile cluster bootstrap'}")
+                 f"{'a cluster-robust t' if method == 't' else 'the percentile cluster bootstrap'}"
+                 + (f" ({report['rescored']})" if report.get("rescored") else ""))
     lines.append(f"{'':30s} {'reward diff':>12s} {'95% CI':>22s} {'log-prob diff':>14s} {'95% CI':>22s}")
     for name, d in report.get("paired", {}).items():
         lines.append(f"{name:30s} {d['mean']:+12.4f} {ci(*d['ci']):>22s} {d['logprob']['mean']:+14.4f} "

@@ -10,7 +10,7 @@ from attnrl_core.__main__ import main
 from attnrl_core.config import TrainConfig
 from attnrl_core.corpus import is_heldout, iter_wikipedia_articles
 from attnrl_core.data import heldout_articles
-from attnrl_core.evaluate import METHODS, compare_methods, heldout_batch, power_note, rollout_method
+from attnrl_core.evaluate import METHODS, compare_methods, heldout_batch, power_note, rescore, rollout_method
 from attnrl_core.model import head_geometry
 from attnrl_core.rollout import rollout
 from attnrl_core.files import read_jsonl
@@ -90,6 +90,11 @@ def test_paired_report_and_oracle_on_the_same_rows(policy):
     assert res["selection_entropy"]["random"] == pytest.approx(1.0) and res["selection_entropy"]["natural"] == 0.0
     oracle = res["oracle"]
     assert oracle["best"] >= oracle["chosen"] - 1e-6 and oracle["best"] >= oracle["mean"]
+    # a report rescored from its own per-unit values keeps its intervals (what notebook 07 does to saved ones)
+    again = rescore({**res, "seed": 3, "samples_per_article": 2})
+    for name, diff in res["paired"].items():
+        assert again["paired"][name]["ci"] == pytest.approx(diff["ci"], abs=1e-6)
+    assert again["oracle"]["fraction"] == pytest.approx(oracle["fraction"], abs=1e-6)
     # the paired difference is the mean of per-unit differences of the methods' own rewards
     per_row = {m: torch.tensor(res["methods"][m]["reward"]) for m in METHODS}
     assert res["paired"]["trained-random"]["mean"] == pytest.approx(
@@ -179,6 +184,12 @@ def test_a_kept_report_from_before_the_power_analysis_says_so():
     report = json.loads(Path("experiments/kept/second/spec-s0/eval/episode-60.json").read_text())
     assert "predates the power analysis" in power_note(report) and "no spread" not in power_note(report)
     assert "percentile cluster bootstrap" in format_report(report)
+    # notebook 07 shows it rescored: today's intervals and power from its own per-unit values
+    again = rescore(report)
+    assert again["paired"]["trained-random"]["method"] == "t" and "minimum_detectable_effect" in again["power"]
+    assert "cluster-robust t (intervals and power recomputed" in format_report(again)
+    assert again["paired"]["trained-random"]["mean"] == pytest.approx(report["paired"]["trained-random"]["mean"])
+    assert "predates" not in power_note(again) and report["paired"]["trained-random"].get("method") != "t"
 
 
 def test_saved_reports_load_in_episode_order_and_tabulate_their_intervals(tmp_path):
