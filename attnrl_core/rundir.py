@@ -189,6 +189,12 @@ def trajectory_records(traj: "Trajectory", tokenizer, episode: int, selected: to
             for b in range(B)]
 
 
+def _small(x: float) -> str:
+    """+0.1234, or in 2 significant digits below 0.00005: an adapter a few updates old moves the log-prob by
+    1e-5-1e-4, which at 4 decimals reads +0.0000, as if nothing had been trained."""
+    return f"{x:+.4f}" if x == 0 or abs(x) >= 5e-5 else f"{x:+.1e}"
+
+
 def format_step(record: dict, step: int) -> str:
     """One step of a trajectory record (trajectories.jsonl) as a person reads it: the context the policy saw,
     its query and the counterfactual, the pair it chose and with what probability, and the step's reward
@@ -199,8 +205,8 @@ def format_step(record: dict, step: int) -> str:
                 for p in record["steps"][:step]]
     reward = f"reward {s['reward']:+.4f} nats per value token"
     if "base_same_logprob" in s:
-        reward += (f" = adapter {s['policy_logprob'] - s['base_same_logprob']:+.4f}"
-                   f" + query {s['base_same_logprob'] - s['base_logprob']:+.4f}")
+        reward += (f" = adapter {_small(s['policy_logprob'] - s['base_same_logprob'])}"
+                   f" + query {_small(s['base_same_logprob'] - s['base_logprob'])}")
     return "\n".join([
         f"{record['title']} (article {record['article_id']}), episode {record['episode']}, trajectory "
         f"{record['trajectory']}, step {step} of {len(record['steps'])}; trajectory reward {record['reward']:+.4f}"
