@@ -177,11 +177,7 @@ def _cmd_memory(args: argparse.Namespace) -> int:
     if cfg.model_name != TrainConfig.from_preset(cfg.preset).model_name:
         raise ValueError("--model_name is not planned: the memory plan knows the presets' models; drop --model_name")
     memory_bytes, arch = parse_bytes(args.gpu_memory), parse_arch(args.gpu_arch) if args.gpu_arch else detected_arch()
-    shape = PRESET_SHAPES[cfg.preset]
-    if cfg.dtype != "auto":
-        import torch
-
-        shape = dataclasses.replace(shape, dtype=getattr(torch, cfg.dtype))
+    shape = PRESET_SHAPES[cfg.preset].in_dtype(cfg.dtype)
     print(memory_report(cfg, shape, memory_bytes, args.json, arch=arch))
     return 0
 

@@ -26,10 +26,10 @@ Imports attnrl_core.config and attnrl_core.decoding (the chunk size of vocabular
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-import dataclasses
 from dataclasses import asdict, dataclass
 
 import torch
@@ -64,6 +64,10 @@ class ModelShape:
     @property
     def bytes(self) -> int:
         return torch.empty(0, dtype=self.dtype).element_size()
+
+    def in_dtype(self, name: str) -> "ModelShape":
+        """The same shape in a `--dtype` (float32, bfloat16, float16); "auto" keeps the preset's GPU dtype."""
+        return self if name == "auto" else dataclasses.replace(self, dtype=getattr(torch, name))
 
     def module_sizes(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each linear layer of a decoder layer, by the name LoRA targets it with."""
