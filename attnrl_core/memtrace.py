@@ -293,28 +293,24 @@ class Allocator:
         self._add_block(after)
         return after
 
+    def _absorb(self, left: _Block, right: _Block) -> _Block:
+        """`right` joined into `left`, the block before it; `left` returned."""
+        self._drop_block(left)
+        self._drop_block(right)
+        left.size += right.size
+        left.next = right.next
+        if right.next:
+            right.next.prev = left
+        self._add_block(left)
+        return left
+
     def _merge(self, b: _Block) -> _Block:
         """`b` joined with its neighbours of the same state (free and mapped, or unmapped)."""
         same = lambda n: n is not None and n.free and n.mapped == b.mapped  # noqa: E731
         while same(b.prev):
-            p = b.prev
-            self._drop_block(b)
-            self._drop_block(p)
-            p.size += b.size
-            p.next = b.next
-            if b.next:
-                b.next.prev = p
-            self._add_block(p)
-            b = p
+            b = self._absorb(b.prev, b)
         while same(b.next):
-            n = b.next
-            self._drop_block(b)
-            self._drop_block(n)
-            b.size += n.size
-            b.next = n.next
-            if n.next:
-                n.next.prev = b
-            self._add_block(b)
+            b = self._absorb(b, b.next)
         return b
 
     def _room(self, nbytes: int) -> bool:
