@@ -199,8 +199,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, out: Path, ckpt: Path | None, device:
                 if ranks.main:  # 7. logging and checkpoints
                     metrics = episode_metrics(episode, traj, selected, threshold, upd, stats, finite, (t1 - t0, t2 - t1),
                                               _tokens_read(traj, selected, upd, local.query_logits is None), advantage,
-                                              devices=ranks.world, peak_memory_bytes=max(
-                                                  peak_memory_bytes(device), memory.get("rollout_peak_allocated_bytes", 0)),
+                                              devices=ranks.world, peak_memory_bytes=_episode_peak(memory, device),
                                               **memory,
                                               **choice_metrics(local, choice, cfg.choice_target_score, written),
                                               **vars(sizes))
@@ -241,6 +240,13 @@ def _rank_batches(cfg: TrainConfig, tokenizer, embed, start: DataPosition, ranks
                         "the first batch's articles and pools")
         rows = ranks.rows(batch.batch_size)
         yield batch, next(add_embeddings([batch.rows(rows.start, rows.stop)], embed))
+
+
+def _episode_peak(memory: dict, device: torch.device) -> int:
+    """The episode's peak: on CUDA the larger phase peak (`phase_memory` reset the counter after each phase, so the
+    counter alone holds only what came after the update), on the CPU the process's peak resident size."""
+    phases = [v for k, v in memory.items() if k.endswith("_peak_allocated_bytes")]
+    return max(phases) if phases else peak_memory_bytes(device)
 
 
 def _filter_and_update(cfg: TrainConfig, episode: int, model, optimizer, traj, local, stats: RunningStats,

@@ -22,7 +22,7 @@ from attnrl_core.memtrace import Allocator, OutOfMemory, card_needed, trace, tra
 from attnrl_core.model import (Float32Head, _Float32Logits, adapter_parameters, attach_adapter, head_geometry,
                                set_gradient_checkpointing)
 from attnrl_core.rollout import rollout
-from attnrl_core.run import check_card, planned_sizes
+from attnrl_core.run import _episode_peak, check_card, planned_sizes
 from attnrl_core.training import make_optimizer, update_policy
 
 from .conftest import SEP, make_batch, randomize_adapter, tiny_config, tiny_llama
@@ -247,3 +247,12 @@ def test_allocator_model_holes_and_expandable_segments():
         Allocator(default - 4 * mib).replay([], events)
     a = Allocator().replay([], [(0, 1000), (1, 2000), (0, -1), (2, 500)])
     assert a.reserved == 2 * mib  # small requests share one 2 MiB segment
+
+
+def test_the_episode_peak_is_the_larger_phase_peak_on_cuda():
+    """`phase_memory` resets CUDA's peak counter after each phase, so the episode's `peak_memory_bytes` is the larger
+    of the two phases' allocated peaks (the update's once missed it); on the CPU the process's peak resident size."""
+    memory = {"rollout_peak_allocated_bytes": 5, "rollout_peak_reserved_bytes": 20, "update_peak_allocated_bytes": 9,
+              "update_peak_reserved_bytes": 21, "outside_allocator_bytes": 30}
+    assert _episode_peak(memory, torch.device("cuda")) == 9
+    assert _episode_peak({}, torch.device("cpu")) > 0
