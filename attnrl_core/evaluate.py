@@ -132,23 +132,16 @@ def compare_methods(model, batch: KeyValueBatch, sep, geo, cfg: TrainConfig, see
                                                                                    t.available_counts)),
                                "seconds": seconds[m], "pairs": t.choices.tolist()} for m, t in trajs.items()}}
     summary["selection_entropy"] = {m: r["selection_entropy"] for m, r in summary["methods"].items()}
+    units = {m: {"reward": per_unit(t.rewards, samples), "logprob": per_unit(t.policy_logprob, samples)}
+             for m, t in trajs.items()}
     summary["per_unit"] = {"unit_ids": unit_ids, "articles": articles,
-                           **{m: {"reward": per_unit(t.rewards, samples).tolist(),
-                                  "logprob": per_unit(t.policy_logprob, samples).tolist()} for m, t in trajs.items()}}
+                           **{m: {k: v.tolist() for k, v in u.items()} for m, u in units.items()}}
+    oracle = None
     if "trained" in trajs:
-        trained = trajs["trained"]
-        summary["paired"] = {f"trained-{m}": {
-            **paired_difference(per_unit(trained.rewards, samples), per_unit(t.rewards, samples), seed=seed,
-                                clusters=articles),
-            "logprob": paired_difference(per_unit(trained.policy_logprob, samples),
-                                         per_unit(t.policy_logprob, samples), seed=seed, clusters=articles)}
-            for m, t in trajs.items() if m != "trained"}
-        oracle, units = oracle_summary(trained, samples, seed, articles)
-        summary["oracle"] = oracle
-        summary["per_unit"]["oracle"] = units
-        if "random" in trajs:
-            summary["power"] = {"comparison": "trained-random", "samples_per_unit": samples,
-                                **power_analysis(summary["paired"]["trained-random"])}
+        best, mean = trajs["trained"].candidate_best_and_mean()
+        oracle = {"chosen": units["trained"]["reward"], "mean": per_unit(mean, samples), "best": per_unit(best, samples)}
+        summary["per_unit"]["oracle"] = {k: v.tolist() for k, v in oracle.items()}
+    summary.update(interval_summary(units, articles, seed, samples, oracle))
     return summary
 
 
@@ -156,37 +149,39 @@ ORACLE_DEFINITION = ("per step, given the trained policy's own history: best = t
                      "(not the best order), mean = a uniformly random choice among them")
 
 
-def oracle_summary(traj: Trajectory, samples: int, seed: int, articles: list[str] | None = None) -> tuple[dict, dict]:
-    """`oracle_fraction` over units of the chosen, mean (= a uniformly random choice) and best rewards of each
-    step (the per-step oracle), with an interval over `articles`; and those per-unit values."""
-    best, mean = traj.candidate_best_and_mean()
-    units = {"chosen": per_unit(traj.rewards, samples), "mean": per_unit(mean, samples), "best": per_unit(best, samples)}
-    result = oracle_fraction(units["chosen"], units["mean"], units["best"], seed=seed, clusters=articles)
-    return {**result, "definition": ORACLE_DEFINITION}, {k: v.tolist() for k, v in units.items()}
+def interval_summary(units: dict, articles: list[str], seed: int, samples: int, oracle: dict | None = None) -> dict:
+    """From per-unit values (`units[method]` = {"reward", "logprob"} arrays over units; `oracle` = the per-step
+    oracle's "chosen", "mean" and "best"): trained - baseline paired over units with intervals over `articles`,
+    the oracle fraction, and the power of trained - random. What `compare_methods` reports and `rescore` redoes."""
+    if "trained" not in units:
+        return {}
+    trained = units["trained"]
+    out = {"paired": {f"trained-{m}": {
+        **paired_difference(trained["reward"], u["reward"], seed=seed, clusters=articles),
+        "logprob": paired_difference(trained["logprob"], u["logprob"], seed=seed, clusters=articles)}
+        for m, u in units.items() if m != "trained"}}
+    if oracle is not None:
+        out["oracle"] = {**oracle_fraction(oracle["chosen"], oracle["mean"], oracle["best"], seed=seed,
+                                           clusters=articles), "definition": ORACLE_DEFINITION}
+    if "random" in units:
+        out["power"] = {"comparison": "trained-random", "samples_per_unit": samples,
+                        **power_analysis(out["paired"]["trained-random"])}
+    return out
 
 
 def rescore(report: dict) -> dict:
     """A saved report with its intervals and power recomputed from its per-unit values by today's methods (a
     report written before issue 37 carries percentile-bootstrap intervals, which under-cover at a dozen articles,
     and a half-width where the power belongs); `rescored` says so. The report on disk is not changed."""
-    units, seed, articles = report["per_unit"], report["seed"], report["per_unit"]["articles"]
-    arrays = {m: {k: np.asarray(v[k], dtype=np.float64) for k in ("reward", "logprob")} for m, v in units.items()
-              if m in METHODS}
-    if "trained" not in arrays:
+    saved = report["per_unit"]
+    units = {m: {k: np.asarray(v[k], dtype=np.float64) for k in ("reward", "logprob")} for m, v in saved.items()
+             if m in METHODS}
+    if "trained" not in units:
         return report
-    paired = {f"trained-{m}": {
-        **paired_difference(arrays["trained"]["reward"], a["reward"], seed=seed, clusters=articles),
-        "logprob": paired_difference(arrays["trained"]["logprob"], a["logprob"], seed=seed, clusters=articles)}
-        for m, a in arrays.items() if m != "trained"}
-    out = {**report, "paired": paired, "rescored": "intervals and power recomputed from the saved per-unit values"}
-    if "oracle" in units:
-        o = {k: np.asarray(units["oracle"][k], dtype=np.float64) for k in ("chosen", "mean", "best")}
-        out["oracle"] = {**oracle_fraction(o["chosen"], o["mean"], o["best"], seed=seed, clusters=articles),
-                         "definition": ORACLE_DEFINITION}
-    if "random" in arrays:
-        out["power"] = {"comparison": "trained-random", "samples_per_unit": report["samples_per_article"],
-                        **power_analysis(paired["trained-random"])}
-    return out
+    oracle = {k: np.asarray(saved["oracle"][k], dtype=np.float64) for k in ("chosen", "mean", "best")} \
+        if "oracle" in saved else None
+    return {**report, **interval_summary(units, saved["articles"], report["seed"], report["samples_per_article"], oracle),
+            "rescored": "intervals and power recomputed from the saved per-unit values"}
 
 
 def _nan_to_none(x: float) -> float | None:
