@@ -51,6 +51,8 @@ class TrainConfig:
     max_scan_articles: int = _f(10_000, "articles scanned without finding a long-enough one before giving up")
     max_train_articles: int = _f(0, "train on the first N long-enough training articles only, cycled (the overfit "
                                  "check); 0 uses them all")
+    skip_train_articles: int = _f(0, "with max_train_articles N: skip the first K long-enough training articles "
+                                  "and cycle the next N (an overfit check on other articles)")
     # --- model ------------------------------------------------------------------------------
     model_name: str = _f("meta-llama/Llama-3.2-3B", "base model on the Hub or 'embedded:smollm2-135m'")
     tokenizer_name: str = _f("", "tokenizer name; empty means the model's own")
@@ -176,6 +178,9 @@ class TrainConfig:
         need(self.warmup_trajectories >= 0, "warmup_trajectories", "an integer >= 0")
         need(self.filter_num_sd >= 0, "filter_num_sd", ">= 0")
         need(self.max_train_articles >= 0, "max_train_articles", "an integer >= 0 (0: all)")
+        need(self.skip_train_articles >= 0, "skip_train_articles", "an integer >= 0")
+        need(self.skip_train_articles == 0 or self.max_train_articles > 0, "skip_train_articles",
+             "0 unless max_train_articles is set (it offsets the overfit check's N articles)")
         need(self.choice_in_loss in (0, 1), "choice_in_loss", "0 or 1")
         need(self.gradient_checkpointing in (0, 1), "gradient_checkpointing", "0 or 1")
         need(self.value_nll_weight >= 0, "value_nll_weight", ">= 0")

@@ -194,7 +194,8 @@ def iter_key_value_batches(cfg: TrainConfig, tokenizer, embed_fn: Callable[[torc
                            start: DataPosition | None = None, generator: torch.Generator | None = None,
                            split: str = "train", passes: int | None = None) -> Iterator[KeyValueBatch]:
     """The whole pipeline of SPEC.md §4.4: articles -> filter -> pairs -> pools -> key embeddings. With
-    `cfg.max_train_articles` N the training split is its first N long-enough articles, cycled."""
+    `cfg.max_train_articles` N the training split is N long-enough articles (after the first
+    `cfg.skip_train_articles`), cycled."""
     position = DataPosition()
     if cfg.max_train_articles and split == "train":
         tokenized = cycled_articles(cfg, tokenizer, cfg.max_train_articles, start, position)
@@ -207,12 +208,15 @@ def iter_key_value_batches(cfg: TrainConfig, tokenizer, embed_fn: Callable[[torc
 
 def cycled_articles(cfg: TrainConfig, tokenizer, n: int, start: DataPosition | None = None,
                     position: DataPosition | None = None) -> Iterator[tuple[dict, torch.Tensor]]:
-    """The first `n` long-enough training articles of the stream's first pass, cycled in that order forever.
-    `position.index` counts the articles yielded, so a checkpoint resumes the cycle where it was."""
-    fixed = list(itertools.islice(long_articles(cfg, tokenizer, "train", passes=1), n))
+    """`n` long-enough training articles of the stream's first pass, after its first `cfg.skip_train_articles`,
+    cycled in that order forever. `position.index` counts the articles yielded, so a checkpoint resumes the cycle
+    where it was."""
+    skip = cfg.skip_train_articles
+    fixed = list(itertools.islice(long_articles(cfg, tokenizer, "train", passes=1), skip, skip + n))
     if len(fixed) < n:
-        raise ValueError(f"max_train_articles={n}, but {cfg.dataset_name} has only {len(fixed)} training articles of "
-                         f"{cfg.min_article_tokens} tokens: lower max_train_articles or num_kv_pairs")
+        raise ValueError(f"max_train_articles={n} after skip_train_articles={skip}, but {cfg.dataset_name} has only "
+                         f"{skip + len(fixed)} training articles of {cfg.min_article_tokens} tokens: lower "
+                         "max_train_articles, skip_train_articles or num_kv_pairs")
     position = position if position is not None else DataPosition()
     position.epoch, position.index = 0, (start.index if start else 0)
     while True:

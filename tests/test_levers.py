@@ -355,6 +355,8 @@ def test_trajectories_per_article_repeats_each_article_with_one_pool(smol_tokeni
     (dict(choice_in_loss=2), "choice_in_loss"),
     (dict(value_nll_weight=-1.0), "value_nll_weight"),
     (dict(max_train_articles=-1), "max_train_articles"),
+    (dict(skip_train_articles=-1, max_train_articles=8), "skip_train_articles"),
+    (dict(skip_train_articles=8), "skip_train_articles"),
     (dict(choice_target_weight=-0.1), "choice_target_weight"),
     (dict(choice_target_temperature=0.0), "choice_target_temperature"),
     (dict(choice_target_steps=0), "choice_target_steps"),
@@ -381,6 +383,17 @@ def test_max_train_articles_cycles_the_first_n_and_resumes_in_the_cycle(smol_tok
     assert resumed.article_ids == batches[2].article_ids
     with pytest.raises(ValueError, match="max_train_articles=100000"):
         next(iter_key_value_batches(cfg.replace(max_train_articles=100_000), smol_tokenizer, None))
+
+
+def test_skip_train_articles_cycles_the_next_n(smol_tokenizer):
+    """The overfit check on other articles: skipping 2 cycles articles 3-6 of the same first-pass order."""
+    cfg = TrainConfig.from_preset("embedded", generation_batch_size=3, training_batch_size=1, max_train_articles=6)
+    first = [i for b in itertools.islice(iter_key_value_batches(cfg, smol_tokenizer, None), 2) for i in b.article_ids]
+    skipped = cfg.replace(max_train_articles=4, skip_train_articles=2)
+    ids = [i for b in itertools.islice(iter_key_value_batches(skipped, smol_tokenizer, None), 4) for i in b.article_ids]
+    assert ids[:4] == first[2:6] and ids[4:8] == ids[:4]
+    with pytest.raises(ValueError, match="skip_train_articles=100000"):
+        next(iter_key_value_batches(cfg.replace(skip_train_articles=100_000), smol_tokenizer, None))
 
 
 def test_learning_figure_compares_the_first_and_last_windows():
