@@ -1,7 +1,8 @@
 """Issue 25's overfit-check table (EXPERIMENTS.md §6): for each run directory, the training batch's selection
 entropy, per-step oracle fraction (of the reward, and of the objective's own target), choice KL and reward over
 its first 20 episodes against its last 20 (halves when shorter), with a Welch t 95% interval over episodes of
-last - first.
+last - first; the hindsight NLL too where it was logged (issue 39), and the last window's oracle fraction with its t
+95% interval over episodes (the overfit check's criterion: above 0 over the last 20 episodes).
 Usage: python research/choice_halves.py RUN_DIR [RUN_DIR ...]"""
 import json
 import sys
@@ -25,8 +26,14 @@ for path in sys.argv[1:]:
     n = len(rows)
     half = min(20, n // 2)
     print(f"{path} ({n} episodes; first {half} vs last {min(20, n - half)})")
-    for key in ("selection_entropy", "oracle_fraction", "target_oracle_fraction", "choice_kl", "reward"):
+    for key in ("selection_entropy", "oracle_fraction", "target_oracle_fraction", "choice_kl", "hindsight_nll",
+                "reward"):
         v = np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
         if all(r.get(key) is None for r in rows):  # runs before target_oracle_fraction was logged
             continue
         print(f"  {key:22s} {welch(v[:half], v[max(half, n - 20):])}")
+    last = np.array([r["oracle_fraction"] for r in rows[max(half, n - 20):] if r.get("oracle_fraction") is not None])
+    if last.size >= 2:
+        h = stats.t.ppf(0.975, last.size - 1) * last.std(ddof=1) / np.sqrt(last.size)
+        print(f"  oracle_fraction over the last {last.size}: {last.mean():+.3f} [{last.mean() - h:+.3f}, "
+              f"{last.mean() + h:+.3f}]")
