@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from attnrl_core.experiment import t_interval
+
 
 def welch(first: np.ndarray, last: np.ndarray) -> str:
     """Both means and last - first with its Welch t 95% interval (NaN episodes left out)."""
@@ -32,8 +34,7 @@ for path in sys.argv[1:]:
         if all(r.get(key) is None for r in rows):  # runs before target_oracle_fraction was logged
             continue
         print(f"  {key:22s} {welch(v[:half], v[max(half, n - 20):])}")
-    last = np.array([r["oracle_fraction"] for r in rows[max(half, n - 20):] if r.get("oracle_fraction") is not None])
-    if last.size >= 2:
-        h = stats.t.ppf(0.975, last.size - 1) * last.std(ddof=1) / np.sqrt(last.size)
-        print(f"  oracle_fraction over the last {last.size}: {last.mean():+.3f} [{last.mean() - h:+.3f}, "
-              f"{last.mean() + h:+.3f}]")
+    last = t_interval([r.get("oracle_fraction") for r in rows[max(half, n - 20):]])
+    if last["ci"] is not None:
+        lo, hi = last["ci"]
+        print(f"  oracle_fraction over the last {last['n']}: {last['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
