@@ -23,18 +23,23 @@ def welch(first: np.ndarray, last: np.ndarray) -> str:
     return f"{a.mean():.3f} -> {b.mean():.3f}, last - first {d:+.3f} [{d - h:+.3f}, {d + h:+.3f}]"
 
 
-for path in sys.argv[1:]:
-    rows = [json.loads(line) for line in (Path(path) / "metrics.jsonl").read_text().splitlines()]
-    n = len(rows)
-    half = min(20, n // 2)
-    print(f"{path} ({n} episodes; first {half} vs last {min(20, n - half)})")
-    for key in ("selection_entropy", "oracle_fraction", "target_oracle_fraction", "choice_kl", "hindsight_nll",
-                "reward"):
-        v = np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
-        if all(r.get(key) is None for r in rows):  # runs before target_oracle_fraction was logged
-            continue
-        print(f"  {key:22s} {welch(v[:half], v[max(half, n - 20):])}")
-    last = t_interval([r.get("oracle_fraction") for r in rows[max(half, n - 20):]])
-    if last["ci"] is not None:
-        lo, hi = last["ci"]
-        print(f"  oracle_fraction over the last {last['n']}: {last['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+def main(paths: list[str]) -> None:
+    for path in paths:
+        rows = [json.loads(line) for line in (Path(path) / "metrics.jsonl").read_text().splitlines()]
+        n = len(rows)
+        half = min(20, n // 2)
+        print(f"{path} ({n} episodes; first {half} vs last {min(20, n - half)})")
+        for key in ("selection_entropy", "oracle_fraction", "target_oracle_fraction", "choice_kl", "hindsight_nll",
+                    "reward"):
+            v = np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
+            if all(r.get(key) is None for r in rows):  # runs before target_oracle_fraction was logged
+                continue
+            print(f"  {key:22s} {welch(v[:half], v[max(half, n - 20):])}")
+        last = t_interval([r.get("oracle_fraction") for r in rows[max(half, n - 20):]])
+        if last["ci"] is not None:
+            lo, hi = last["ci"]
+            print(f"  oracle_fraction over the last {last['n']}: {last['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
