@@ -96,9 +96,12 @@ class TrainConfig:
                                      "episode (REPLUG's LM-supervised retrieval; a change to SPEC's method; 0: off)")
     hindsight_weight: float = _f(0.0, "λ > 0 adds, over every rolled-out trajectory, λ x the policy's mean NLL of the "
                                  "best-scored pair's key (by choice_target_score, among the pairs left at that "
-                                 "step) written as that step's query, one optimizer step per episode: hindsight on the "
-                                 "query (LeReT's), so the policy learns to write what the similarity retrieves "
+                                 "step) written as that step's query, hindsight_steps optimizer steps per episode: "
+                                 "hindsight on the query (LeReT's), so the policy learns to write what the similarity "
+                                 "retrieves "
                                  "(the per-step oracle's pass scores the pairs; a change to SPEC's method; 0: off)")
+    hindsight_steps: int = _f(1, "optimizer steps of hindsight on the query per episode, each on the whole rolled-out "
+                              "batch (its targets are fixed by the rollout's oracle pass, so repeated steps fit them)")
     choice_target_steps: int = _f(1, "optimizer steps of the selection objective per episode, each on the whole "
                                   "rolled-out batch (its target is fixed by the rollout, so repeated steps fit it)")
     choice_target_reach: str = _f("q_proj", "what the selection objective trains: q_proj (the adapter on the similarity "
@@ -158,7 +161,8 @@ class TrainConfig:
                 raise ValueError(f"{f.name}={value!r} is invalid: must be a finite number")
         for name in ("tokens_per_key", "tokens_per_value", "tokens_per_query", "generation_batch_size",
                      "training_batch_size", "gradient_accumulation_steps", "num_episodes", "checkpoint_every",
-                     "log_every", "lora_r", "max_scan_articles", "trajectories_per_article", "choice_target_steps"):
+                     "log_every", "lora_r", "max_scan_articles", "trajectories_per_article", "choice_target_steps",
+                     "hindsight_steps"):
             need(getattr(self, name) >= 1, name, "an integer >= 1")
         need(self.num_kv_pairs >= 2, "num_kv_pairs", "an integer >= 2 (pair 0 is the in-context example)")
         need(0.0 < self.subset_fraction <= 1.0, "subset_fraction", "in (0, 1]")

@@ -8,7 +8,9 @@ only at query positions), 8-bit Adam on the adapter, gradient norm clipped.
 Research levers (TrainConfig; each default is SPEC's): `choice_in_loss` adds log p(chosen pair |
 query) to each step's log-prob (`embeddings.choice_logprob`); `choice_target_weight` adds
 `choice_target_steps` optimizer steps per episode of the selection objective over every rolled-out
-trajectory (`choice_target_step`); `value_nll_weight` adds the policy's NLL of the chosen values, predicted in the same pass; `kl_reference="base"` measures the KL against
+trajectory (`choice_target_step`); `hindsight_weight` adds `hindsight_steps` optimizer steps per episode on the
+policy's NLL of the best-scored pairs' keys as its queries (`hindsight_step`); `value_nll_weight` adds the policy's
+NLL of the chosen values, predicted in the same pass; `kl_reference="base"` measures the KL against
 the adapter-disabled base model; the loss's R is `loss.advantages` of the reward.
 
 In a data-parallel run (`ranks`) each rank holds its rows of the global batch: the optimizer steps
@@ -292,8 +294,8 @@ def choice_target_step(model: nn.Module, optimizer: torch.optim.Optimizer, traje
 
 @dataclass
 class HindsightResult:
-    nll: float  # mean over the batch's trajectories of the sum over steps of the best key's mean NLL, before the step
-    grad_norm: float  # pre-clip
+    nll: float  # mean over the batch's trajectories of the sum over steps of the best key's mean NLL, before any step
+    grad_norm: float  # the first step's, pre-clip
     skipped: bool  # the loss or gradient was not finite: the step was not taken
 
 
@@ -307,16 +309,19 @@ def hindsight_targets(trajectory: Trajectory, score: str = "reward") -> torch.Te
 
 
 def hindsight_step(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory: Trajectory, *, weight: float,
-                   training_batch_size: int, max_grad_norm: float = 1.0, score: str = "reward",
+                   training_batch_size: int, max_grad_norm: float = 1.0, score: str = "reward", steps: int = 1,
                    ranks: Ranks | None = None) -> HindsightResult:
-    """Hindsight on the query (`hindsight_weight`, LeReT-style): one optimizer step on weight x the mean over *every*
-    trajectory of the batch of the sum over steps of the policy's mean NLL of the best-scored pair's key
-    (`hindsight_targets`, its first `tokens_per_query` tokens) written after that step's ` Query:`, in the step's
-    context as the rollout built it. The oracle's pass already knows which pair would have earned most after the
-    policy's query; this teaches the policy to write that pair's key, which a similarity that retrieves (EXPERIMENTS.md
-    §7's sweep) then picks. Steps are read in micro-batches of `training_batch_size` rows, one forward pass per step
-    (every row of a step has the same context length); the gradient reaches every adapter. With `ranks`,
-    `trajectory` holds this rank's rows and the gradients are summed over the ranks."""
+    """Hindsight on the query (`hindsight_weight`, `hindsight_steps`, LeReT-style): `steps` optimizer steps, each on
+    weight x the mean over *every* trajectory of the batch of the sum over steps of the policy's mean NLL of the
+    best-scored pair's key (`hindsight_targets`, its first `tokens_per_query` tokens) written after that step's
+    ` Query:`, in the step's context as the rollout built it. The oracle's pass already knows which pair would have
+    earned most after the policy's query; this teaches the policy to write that pair's key, which a similarity that
+    retrieves (EXPERIMENTS.md §7's sweep) then picks. Steps are read in micro-batches of `training_batch_size` rows,
+    one forward pass per step (every row of a step has the same context length); the gradient reaches every
+    adapter. The targets are fixed by the rollout, so repeated steps fit the same supervised target; the result
+    holds the first step's NLL (before any step) and gradient norm. With `ranks`, `trajectory` holds this rank's
+    rows and the gradients are summed over the ranks."""
+    assert steps >= 1, steps
     ranks = ranks or Ranks()
     params = adapter_parameters(model)
     device = trajectory.tokens.device
@@ -325,26 +330,30 @@ def hindsight_step(model: nn.Module, optimizer: torch.optim.Optimizer, trajector
     tokens = trajectory.tokens.clone()  # rollout tensors are inference tensors
     targets = hindsight_targets(trajectory, score).to(device)[..., :Tq].clone()  # [B, P, <=Tq]
     T = targets.shape[2]
-    optimizer.zero_grad(set_to_none=True)
     model.train()
-    nll_sum = 0.0
-    for t in range(P):
-        start = trajectory.initial_length + t * trajectory.step_length + trajectory.query_offset  # after ` Query:`
-        for mb in torch.arange(B, device=device).split(training_batch_size):
-            ids = torch.cat([tokens[mb, :start], targets[mb, t]], dim=1)  # [n, start + T]
-            logits = model(input_ids=ids, use_cache=False, logits_to_keep=T + 1).logits[:, :-1].float()  # [n, T, V]
-            nll = F.cross_entropy(logits.transpose(1, 2), targets[mb, t], reduction="none").mean(dim=1)  # [n]
-            (weight * nll.sum() / total).backward()
-            nll_sum += nll.detach().sum().item()
-    reached = [p for p in params if p.grad is not None]
-    ranks.sum_gradients(reached)
-    nll_sum = ranks.sum([nll_sum])[0]
-    norm = torch.nn.utils.clip_grad_norm_(reached, max_grad_norm).item()
-    skipped = not (math.isfinite(nll_sum) and math.isfinite(norm))
-    if not skipped:
+    first: tuple[float, float] | None = None
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        nll_sum = 0.0
+        for t in range(P):
+            start = trajectory.initial_length + t * trajectory.step_length + trajectory.query_offset  # after Query:
+            for mb in torch.arange(B, device=device).split(training_batch_size):
+                ids = torch.cat([tokens[mb, :start], targets[mb, t]], dim=1)  # [n, start + T]
+                logits = model(input_ids=ids, use_cache=False, logits_to_keep=T + 1).logits[:, :-1].float()
+                nll = F.cross_entropy(logits.transpose(1, 2), targets[mb, t], reduction="none").mean(dim=1)  # [n]
+                (weight * nll.sum() / total).backward()
+                nll_sum += nll.detach().sum().item()
+        reached = [p for p in params if p.grad is not None]
+        ranks.sum_gradients(reached)
+        nll_sum = ranks.sum([nll_sum])[0]
+        norm = torch.nn.utils.clip_grad_norm_(reached, max_grad_norm).item()
+        first = first or (nll_sum / total, norm)
+        skipped = not (math.isfinite(nll_sum) and math.isfinite(norm))
+        if skipped:
+            break
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return HindsightResult(nll_sum / total, norm, skipped)
+    return HindsightResult(first[0], first[1], skipped)
 
 
 def _reference(model: nn.Module, trajectory: Trajectory, rows: torch.Tensor, tokens: torch.Tensor,
@@ -397,7 +406,8 @@ def hindsight_options(cfg: TrainConfig) -> dict | None:
     """`hindsight_step`'s keywords from a config; None when hindsight on the query is off (SPEC's)."""
     if not cfg.hindsight_weight:
         return None
-    return dict(weight=cfg.hindsight_weight, max_grad_norm=cfg.max_grad_norm, score=cfg.choice_target_score)
+    return dict(weight=cfg.hindsight_weight, max_grad_norm=cfg.max_grad_norm, score=cfg.choice_target_score,
+                steps=cfg.hindsight_steps)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

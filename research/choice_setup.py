@@ -20,6 +20,6 @@ def embedded_setup(**overrides):
     cfg = TrainConfig.from_preset("embedded", **overrides)
     device = resolve_device(cfg)
     model, tok = load_policy(cfg, device, None)
-    embed = key_embedding_fn(model, device, layer=cfg.similarity_layer)
+    embed = key_embedding_fn(model, device, layer=cfg.similarity_layer, how=cfg.similarity_readout)
     return (cfg, model, encode_separators(tok), head_geometry(model),
             _rank_batches(cfg, tok, embed, DataPosition(), Ranks()))

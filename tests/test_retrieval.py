@@ -212,3 +212,35 @@ def test_hindsight_targets_the_best_scored_pairs_key_and_its_step_lowers_that_nl
         after = _naive_hindsight_nll(policy, traj, targets)
     assert after.mean() < before.mean()  # the step moved the policy toward writing those keys
     assert hindsight_options(TrainConfig()) is None and TrainConfig().hindsight_weight == 0.0
+
+
+def test_hindsight_steps_fit_the_same_targets_further(policy):
+    """`hindsight_steps` K takes K optimizer steps on the rollout's fixed targets: the result reports the NLL before
+    the first, and K steps leave the targets' NLL lower than one step does from the same start."""
+    from attnrl_core.model import head_geometry
+    from attnrl_core.rollout import rollout
+    from attnrl_core.training import hindsight_options, hindsight_step, hindsight_targets, make_optimizer
+
+    from .conftest import SEP, make_batch
+
+    cfg = tiny_config(num_kv_pairs=8, tokens_per_key=3, hindsight_weight=1.0, learning_rate=1e-2)
+    batch = make_batch(policy, cfg)
+    torch.manual_seed(0)
+    traj = rollout(policy, batch, SEP, head_geometry(policy), tokens_per_query=cfg.tokens_per_query, oracle=True)
+    targets = hindsight_targets(traj)
+    start = {k: v.clone() for k, v in policy.state_dict().items() if "lora" in k}
+    policy.eval()
+    after = {}
+    for steps in (1, 3):
+        policy.load_state_dict(start, strict=False)
+        with torch.no_grad():
+            before = _naive_hindsight_nll(policy, traj, targets).mean().item()
+        options = hindsight_options(cfg.replace(hindsight_steps=steps))
+        assert options["steps"] == steps
+        result = hindsight_step(policy, make_optimizer(policy, cfg), traj, training_batch_size=3, **options)
+        assert result.nll == pytest.approx(before, rel=1e-4) and not result.skipped
+        with torch.no_grad():
+            after[steps] = _naive_hindsight_nll(policy, traj, targets).mean().item()
+    assert after[3] < after[1] < before
+    with pytest.raises(ValueError, match="hindsight_steps"):
+        TrainConfig(hindsight_steps=0)
