@@ -92,7 +92,8 @@ METRICS = {
     "choice_kl_last": "choice_kl measured in the last of the episode's choice_target_steps passes, before that step "
                       "(equal to choice_kl for one step; only with choice_target_weight > 0)",
     "hindsight_nll": "hindsight on the query: mean over trajectories of the sum over steps of the policy's mean NLL of "
-                     "the best-scored pair's key as the query, before its step (only with hindsight_weight > 0)",
+                     "the best-scored pair's key as the query, before the first of its hindsight_steps steps (only with "
+                     "hindsight_weight > 0)",
     "eval_reward": "held-out reward of the trained policy (only every eval_every episodes)",
     "eval_logprob": "held-out mean value log-prob of the trained policy (only every eval_every episodes)",
 }

@@ -296,7 +296,7 @@ def choice_target_step(model: nn.Module, optimizer: torch.optim.Optimizer, traje
 class HindsightResult:
     nll: float  # mean over the batch's trajectories of the sum over steps of the best key's mean NLL, before any step
     grad_norm: float  # the first step's, pre-clip
-    skipped: bool  # the loss or gradient was not finite: the step was not taken
+    skipped: bool  # a loss or gradient was not finite: that step and the ones after it were not taken
 
 
 def hindsight_targets(trajectory: Trajectory, score: str = "reward") -> torch.Tensor:

@@ -11,7 +11,6 @@ Usage: python research/hindsight_fit_one_batch.py [steps [every [learning_rate]]
 CPU)"""
 import sys
 
-import numpy as np
 import torch
 
 from attnrl_core.diagnostics import oracle_fraction
@@ -43,7 +42,7 @@ half = cfg.tokens_per_query // 2
 def report(step: int, nll: float | None) -> None:
     traj = first if step == 0 else roll()
     q = traj.queries[:, 0].cpu()  # [B, Tq]
-    chosen, cand = traj.candidate_scores("reward")
+    chosen = traj.candidate_scores("reward")[0]
     best, mean = traj.candidate_best_and_mean("reward")
     f0 = oracle_fraction(chosen[:, 0].float().numpy(), mean[:, 0].numpy(), best[:, 0].numpy(), num_samples=1)
     fall = oracle_fraction(*(x.float().flatten().numpy() for x in (chosen, mean, best)), num_samples=1)
@@ -58,4 +57,4 @@ report(0, None)
 for i in range(1, steps + 1):
     r = hindsight_step(model, opt, first, training_batch_size=cfg.training_batch_size, **hindsight_options(cfg))
     if i % every == 0:
-        report(i, r.nll / first.num_steps)  # the sum over steps of the mean NLL per token, before this step
+        report(i, r.nll / first.num_steps)  # per token and step; measured before step i, so one step behind

@@ -1,6 +1,6 @@
 """Did the overfit checks' queries move towards the article's words, or towards one pair? (EXPERIMENTS.md §7.3.)
 For each logged training step with at least two pairs left, the share of the query's content words (lower-cased,
-letters only, 4 or more, a short stop list left out) that occur in: the article's 16 pairs (keys and values), the
+letters only, 4 or more, a short stop list left out) that occur in: the article's pairs (keys and values), the
 pair the retriever chose (its key), the best-scored pair left (its key: the hindsight target) and, averaged, all
 the pairs left (their keys: what a choice at random would find); the same for the step's counterfactual query,
 the base model's in the same context, as the control. Printed per run: first 20 vs last 20 episodes (the
@@ -8,6 +8,7 @@ episode's mean over its steps) with a Welch t 95% interval over episodes, as `ch
 no model runs, only the tokenizer.
 Usage: python research/query_vocabulary.py RUN_DIR [RUN_DIR ...]   (runs with trajectories.jsonl and
 `max_train_articles`)"""
+import itertools
 import json
 import re
 import sys
@@ -33,13 +34,11 @@ def share(query: set[str], text: set[str]) -> float:
 
 
 def article_pairs(cfg: TrainConfig, tok) -> dict[str, tuple[set[str], list[set[str]]]]:
-    """article id -> (the words of its pairs, each pair's key words) for the run's training articles."""
+    """article id -> (the words of its pairs, each pair's key words) for the run's training articles, cut into
+    pairs as training cuts them."""
     out = {}
-    for article, ids in cycled_articles(cfg, tok, cfg.max_train_articles):
-        if str(article["id"]) in out:
-            break
-        keys, values = split_key_values(ids[None, :cfg.num_kv_pairs * cfg.tokens_per_kv_pair], cfg.num_kv_pairs,
-                                        cfg.tokens_per_key, cfg.tokens_per_value)
+    for article, ids in itertools.islice(cycled_articles(cfg, tok, cfg.max_train_articles), cfg.max_train_articles):
+        keys, values = split_key_values(ids[None], cfg.num_kv_pairs, cfg.tokens_per_key, cfg.tokens_per_value)
         key_words = [words(tok.decode(k)) for k in keys[0]]
         out[str(article["id"])] = (set().union(*key_words, *(words(tok.decode(v)) for v in values[0])), key_words)
     return out
@@ -60,6 +59,9 @@ def step_shares(step: dict, field: str, article: tuple[set[str], list[set[str]]]
 def main(paths: list[str]) -> None:
     for path in paths:
         cfg = TrainConfig.from_file(Path(path) / "config.json")
+        if not cfg.max_train_articles or cfg.choice_target_score != "reward":
+            sys.exit(f"{path}: needs a run with max_train_articles > 0 and choice_target_score reward (its "
+                     "trajectories log only the candidates' rewards): an overfit check's run directory")
         tok = load_tokenizer(cfg)
         articles = article_pairs(cfg, tok)
         per_episode: dict[str, dict[int, list[list[float]]]] = {"query": {}, "counterfactual": {}}

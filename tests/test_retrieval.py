@@ -214,10 +214,11 @@ def test_hindsight_targets_the_best_scored_pairs_key_and_its_step_lowers_that_nl
     assert hindsight_options(TrainConfig()) is None and TrainConfig().hindsight_weight == 0.0
 
 
-def test_hindsight_steps_fit_the_same_targets_further(policy):
-    """`hindsight_steps` K takes K optimizer steps on the rollout's fixed targets: the result reports the NLL before
-    the first, and K steps leave the targets' NLL lower than one step does from the same start."""
-    from attnrl_core.model import head_geometry
+def test_k_hindsight_steps_are_k_single_steps_on_the_same_targets(policy):
+    """`hindsight_steps` K is K single steps on the rollout's fixed targets, each from zeroed gradients (the same
+    adapter as K calls of one step on one optimizer), reporting the first step's NLL and gradient norm; and the
+    targets' NLL ends lower than one step leaves it."""
+    from attnrl_core.model import adapter_parameters, head_geometry
     from attnrl_core.rollout import rollout
     from attnrl_core.training import hindsight_options, hindsight_step, hindsight_targets, make_optimizer
 
@@ -228,19 +229,22 @@ def test_hindsight_steps_fit_the_same_targets_further(policy):
     torch.manual_seed(0)
     traj = rollout(policy, batch, SEP, head_geometry(policy), tokens_per_query=cfg.tokens_per_query, oracle=True)
     targets = hindsight_targets(traj)
-    start = {k: v.clone() for k, v in policy.state_dict().items() if "lora" in k}
+    start = [p.detach().clone() for p in adapter_parameters(policy)]
+    opt = make_optimizer(policy, cfg)
+    singles = [hindsight_step(policy, opt, traj, training_batch_size=3, **hindsight_options(cfg)) for _ in range(3)]
+    after_singles = [p.detach().clone() for p in adapter_parameters(policy)]
     policy.eval()
-    after = {}
-    for steps in (1, 3):
-        policy.load_state_dict(start, strict=False)
-        with torch.no_grad():
-            before = _naive_hindsight_nll(policy, traj, targets).mean().item()
-        options = hindsight_options(cfg.replace(hindsight_steps=steps))
-        assert options["steps"] == steps
-        result = hindsight_step(policy, make_optimizer(policy, cfg), traj, training_batch_size=3, **options)
-        assert result.nll == pytest.approx(before, rel=1e-4) and not result.skipped
-        with torch.no_grad():
-            after[steps] = _naive_hindsight_nll(policy, traj, targets).mean().item()
-    assert after[3] < after[1] < before
+    with torch.no_grad():
+        after_three_singles = _naive_hindsight_nll(policy, traj, targets).mean().item()
+        for p, v in zip(adapter_parameters(policy), start):
+            p.copy_(v)
+    options = hindsight_options(cfg.replace(hindsight_steps=3))
+    assert options["steps"] == 3
+    three = hindsight_step(policy, make_optimizer(policy, cfg), traj, training_batch_size=3, **options)
+    for p, v in zip(adapter_parameters(policy), after_singles):
+        torch.testing.assert_close(p.detach(), v, rtol=0, atol=1e-6)
+    assert three.nll == pytest.approx(singles[0].nll, rel=1e-5) and not three.skipped
+    assert three.grad_norm == pytest.approx(singles[0].grad_norm, rel=1e-5)
+    assert after_three_singles < singles[1].nll < singles[0].nll  # each step lowered the targets' NLL
     with pytest.raises(ValueError, match="hindsight_steps"):
         TrainConfig(hindsight_steps=0)
