@@ -94,6 +94,8 @@ METRICS = {
     "hindsight_nll": "hindsight on the query: mean over trajectories of the sum over steps of the policy's mean NLL of "
                      "the best-scored pair's key as the query, before the first of its hindsight_steps steps (only with "
                      "hindsight_weight > 0)",
+    "hindsight_nll_last": "hindsight_nll measured in the last of the episode's hindsight_steps passes, before that "
+                          "step (equal to hindsight_nll for one step; only with hindsight_weight > 0)",
     "eval_reward": "held-out reward of the trained policy (only every eval_every episodes)",
     "eval_logprob": "held-out mean value log-prob of the trained policy (only every eval_every episodes)",
 }
@@ -136,9 +138,9 @@ def episode_metrics(episode: int, traj: "Trajectory", selected: torch.Tensor, th
 
 def choice_metrics(traj: "Trajectory", choice: "ChoiceStepResult | None", score: str = "reward",
                    hindsight: "HindsightResult | None" = None) -> dict:
-    """oracle_fraction, target_oracle_fraction, choice_kl, choice_grad_norm, choice_kl_last and hindsight_nll
-    (METRICS) of a batch rolled out with its candidates scored, of the selection objective's step (whose target is
-    `score`, `choice_target_score`) and of the query's hindsight step; null where absent."""
+    """oracle_fraction, target_oracle_fraction, choice_kl, choice_grad_norm, choice_kl_last, hindsight_nll and
+    hindsight_nll_last (METRICS) of a batch rolled out with its candidates scored, of the selection objective's step
+    (whose target is `score`, `choice_target_score`) and of the query's hindsight step; null where absent."""
     fractions = {"oracle_fraction": None, "target_oracle_fraction": None}
     if traj.candidate_rewards is not None:
         for name, s in (("oracle_fraction", "reward"), ("target_oracle_fraction", score)):
@@ -149,7 +151,8 @@ def choice_metrics(traj: "Trajectory", choice: "ChoiceStepResult | None", score:
     return {**fractions, "choice_kl": choice.kl if choice else None,
             "choice_grad_norm": choice.grad_norm if choice else None,
             "choice_kl_last": choice.kl_last if choice else None,
-            "hindsight_nll": hindsight.nll if hindsight else None}
+            "hindsight_nll": hindsight.nll if hindsight else None,
+            "hindsight_nll_last": hindsight.nll_last if hindsight else None}
 
 
 def selection_diagnostics(traj: "Trajectory") -> dict:

@@ -297,6 +297,7 @@ class HindsightResult:
     nll: float  # mean over the batch's trajectories of the sum over steps of the best key's mean NLL, before any step
     grad_norm: float  # the first step's, pre-clip
     skipped: bool  # a loss or gradient was not finite: that step and the ones after it were not taken
+    nll_last: float = math.nan  # the same NLL measured in the last step's pass (before that step): how far K steps fit
 
 
 def hindsight_targets(trajectory: Trajectory, score: str = "reward") -> torch.Tensor:
@@ -319,7 +320,7 @@ def hindsight_step(model: nn.Module, optimizer: torch.optim.Optimizer, trajector
     retrieves (EXPERIMENTS.md §7's sweep) then picks. Steps are read in micro-batches of `training_batch_size` rows,
     one forward pass per step (every row of a step has the same context length); the gradient reaches every
     adapter. The targets are fixed by the rollout, so repeated steps fit the same supervised target; the result
-    holds the first step's NLL (before any step) and gradient norm. With `ranks`, `trajectory` holds this rank's
+    holds the first step's NLL (before any step) and gradient norm, and the last step's NLL (before that step). With `ranks`, `trajectory` holds this rank's
     rows and the gradients are summed over the ranks."""
     assert steps >= 1, steps
     ranks = ranks or Ranks()
@@ -353,7 +354,7 @@ def hindsight_step(model: nn.Module, optimizer: torch.optim.Optimizer, trajector
             break
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return HindsightResult(first[0], first[1], skipped)
+    return HindsightResult(first[0], first[1], skipped, nll_sum / total)
 
 
 def _reference(model: nn.Module, trajectory: Trajectory, rows: torch.Tensor, tokens: torch.Tensor,

@@ -30,7 +30,7 @@ def main(paths: list[str]) -> None:
         half = min(20, n // 2)
         print(f"{path} ({n} episodes; first {half} vs last {min(20, n - half)})")
         for key in ("selection_entropy", "oracle_fraction", "target_oracle_fraction", "choice_kl", "hindsight_nll",
-                    "reward"):
+                    "hindsight_nll_last", "reward"):
             v = np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
             if all(r.get(key) is None for r in rows):  # runs before target_oracle_fraction was logged
                 continue

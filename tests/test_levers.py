@@ -244,7 +244,8 @@ def test_the_update_phase_takes_the_selection_step_over_every_trajectory_even_wh
     assert metrics["target_oracle_fraction"] == metrics["oracle_fraction"]  # the target is the reward
     assert choice_metrics(_rollout(policy, cfg), None) == {"oracle_fraction": None, "target_oracle_fraction": None,
                                                           "choice_kl": None, "choice_grad_norm": None,
-                                                          "choice_kl_last": None, "hindsight_nll": None}
+                                                          "choice_kl_last": None, "hindsight_nll": None,
+                                                          "hindsight_nll_last": None}
 
 
 def test_a_logprob_target_fits_the_policys_value_logprob_of_each_pair_and_logs_its_own_oracle_fraction(policy):

@@ -246,5 +246,7 @@ def test_k_hindsight_steps_are_k_single_steps_on_the_same_targets(policy):
     assert three.nll == pytest.approx(singles[0].nll, rel=1e-5) and not three.skipped
     assert three.grad_norm == pytest.approx(singles[0].grad_norm, rel=1e-5)
     assert after_three_singles < singles[1].nll < singles[0].nll  # each step lowered the targets' NLL
+    assert three.nll_last == pytest.approx(singles[2].nll, rel=1e-5)  # the last pass, before the last step
+    assert singles[0].nll_last == singles[0].nll  # one step: the last pass is the first
     with pytest.raises(ValueError, match="hindsight_steps"):
         TrainConfig(hindsight_steps=0)
