@@ -232,6 +232,33 @@ def update_policy(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory
                         sums["value_nll"] / n if value_nll_weight else None)
 
 
+def _fixed_target_steps(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], ranks: Ranks, steps: int,
+                        max_grad_norm: float, total: int,
+                        accumulate: Callable[[], float]) -> tuple[float, float, bool, float]:
+    """`steps` optimizer steps on a target the rollout fixed (the selection objective's, hindsight's): each zeroes
+    the gradients, lets `accumulate` run the batch's backward passes and return its loss summed over this rank's
+    rows, sums gradients and loss over the ranks, clips and steps; a non-finite loss or gradient ends the steps
+    untaken. Returns (first loss, first gradient norm, skipped, last loss), losses as means over the `total` rows."""
+    assert steps >= 1, steps
+    first: tuple[float, float] | None = None
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = accumulate()
+        # only the parameters the objective reaches have a gradient (the same set on every rank):
+        # summing the others as zeros would let Adam move them on old momentum in a multi-process run only
+        reached = [p for p in params if p.grad is not None]
+        ranks.sum_gradients(reached)
+        loss_sum = ranks.sum([loss_sum])[0]
+        norm = torch.nn.utils.clip_grad_norm_(reached, max_grad_norm).item()
+        first = first or (loss_sum / total, norm)
+        skipped = not (math.isfinite(loss_sum) and math.isfinite(norm))
+        if skipped:
+            break
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return first[0], first[1], skipped, loss_sum / total
+
+
 @dataclass
 class ChoiceStepResult:
     kl: float  # mean over the batch's trajectories of sum_steps KL(target || p_select), before the first step
@@ -258,7 +285,6 @@ def choice_target_step(model: nn.Module, optimizer: torch.optim.Optimizer, traje
     and the gradients are summed over the ranks, each rank weighted by its share of the global batch. Each
     step is clipped and normalised by the 8-bit Adam it shares with the REINFORCE steps, so λ mostly sets how
     the two mix in Adam's moments."""
-    assert steps >= 1, steps
     ranks = ranks or Ranks()
     params = adapter_parameters(model)
     device = trajectory.queries.device
@@ -267,9 +293,8 @@ def choice_target_step(model: nn.Module, optimizer: torch.optim.Optimizer, traje
     queries, available = trajectory.queries.clone(), trajectory.available.clone()
     keys, rewards = trajectory.batch.key_embeddings.to(device).clone(), trajectory.candidate_scores(score)[1].clone()
     model.eval()  # p_select as the rollout drew from it: no dropout, and no random draw
-    first: tuple[float, float] | None = None
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
+
+    def accumulate() -> float:
         kl_sum = 0.0
         for mb in torch.arange(B, device=device).split(training_batch_size):
             probs = selection_probabilities(model, queries[mb], keys[mb], available[mb], similarity_temperature,
@@ -277,19 +302,9 @@ def choice_target_step(model: nn.Module, optimizer: torch.optim.Optimizer, traje
             kl = choice_target_kl(probs, rewards[mb], target_temperature)  # [n]
             (weight * kl.sum() / total).backward()
             kl_sum += kl.sum().item()
-        # only the parameters the objective reaches have a gradient (the same set on every rank):
-        # summing the others as zeros would let Adam move them on old momentum in a multi-process run only
-        reached = [p for p in params if p.grad is not None]
-        ranks.sum_gradients(reached)
-        kl_sum = ranks.sum([kl_sum])[0]
-        norm = torch.nn.utils.clip_grad_norm_(reached, max_grad_norm).item()
-        first = first or (kl_sum / total, norm)
-        skipped = not (math.isfinite(kl_sum) and math.isfinite(norm))
-        if skipped:
-            break
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return ChoiceStepResult(first[0], first[1], skipped, kl_sum / total)
+        return kl_sum
+
+    return ChoiceStepResult(*_fixed_target_steps(optimizer, params, ranks, steps, max_grad_norm, total, accumulate))
 
 
 @dataclass
@@ -320,9 +335,8 @@ def hindsight_step(model: nn.Module, optimizer: torch.optim.Optimizer, trajector
     retrieves (EXPERIMENTS.md §7's sweep) then picks. Steps are read in micro-batches of `training_batch_size` rows,
     one forward pass per step (every row of a step has the same context length); the gradient reaches every
     adapter. The targets are fixed by the rollout, so repeated steps fit the same supervised target; the result
-    holds the first step's NLL (before any step) and gradient norm, and the last step's NLL (before that step). With `ranks`, `trajectory` holds this rank's
-    rows and the gradients are summed over the ranks."""
-    assert steps >= 1, steps
+    holds the first step's NLL (before any step) and gradient norm, and the last step's NLL (before that step).
+    With `ranks`, `trajectory` holds this rank's rows and the gradients are summed over the ranks."""
     ranks = ranks or Ranks()
     params = adapter_parameters(model)
     device = trajectory.tokens.device
@@ -332,9 +346,8 @@ def hindsight_step(model: nn.Module, optimizer: torch.optim.Optimizer, trajector
     targets = hindsight_targets(trajectory, score).to(device)[..., :Tq].clone()  # [B, P, <=Tq]
     T = targets.shape[2]
     model.train()
-    first: tuple[float, float] | None = None
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
+
+    def accumulate() -> float:
         nll_sum = 0.0
         for t in range(P):
             start = trajectory.initial_length + t * trajectory.step_length + trajectory.query_offset  # after Query:
@@ -344,17 +357,9 @@ def hindsight_step(model: nn.Module, optimizer: torch.optim.Optimizer, trajector
                 nll = F.cross_entropy(logits.transpose(1, 2), targets[mb, t], reduction="none").mean(dim=1)  # [n]
                 (weight * nll.sum() / total).backward()
                 nll_sum += nll.detach().sum().item()
-        reached = [p for p in params if p.grad is not None]
-        ranks.sum_gradients(reached)
-        nll_sum = ranks.sum([nll_sum])[0]
-        norm = torch.nn.utils.clip_grad_norm_(reached, max_grad_norm).item()
-        first = first or (nll_sum / total, norm)
-        skipped = not (math.isfinite(nll_sum) and math.isfinite(norm))
-        if skipped:
-            break
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return HindsightResult(first[0], first[1], skipped, nll_sum / total)
+        return nll_sum
+
+    return HindsightResult(*_fixed_target_steps(optimizer, params, ranks, steps, max_grad_norm, total, accumulate))
 
 
 def _reference(model: nn.Module, trajectory: Trajectory, rows: torch.Tensor, tokens: torch.Tensor,
