@@ -264,7 +264,7 @@ class ChoiceStepResult:
     kl: float  # mean over the batch's trajectories of sum_steps KL(target || p_select), before the first step
     grad_norm: float  # pre-clip, of the first step
     skipped: bool  # a loss or gradient was not finite: that step and the ones after it were not taken
-    kl_last: float = math.nan  # the same KL measured in the last step's pass (before that step): how far K steps fit
+    kl_last: float  # the same KL measured in the last step's pass (before that step): how far K steps fit
 
 
 def choice_target_step(model: nn.Module, optimizer: torch.optim.Optimizer, trajectory: Trajectory, *, weight: float,
@@ -312,7 +312,7 @@ class HindsightResult:
     nll: float  # mean over the batch's trajectories of the sum over steps of the best key's mean NLL, before any step
     grad_norm: float  # the first step's, pre-clip
     skipped: bool  # a loss or gradient was not finite: that step and the ones after it were not taken
-    nll_last: float = math.nan  # the same NLL measured in the last step's pass (before that step): how far K steps fit
+    nll_last: float  # the same NLL measured in the last step's pass (before that step): how far K steps fit
 
 
 def hindsight_targets(trajectory: Trajectory, score: str = "reward") -> torch.Tensor:
