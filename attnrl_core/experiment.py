@@ -92,6 +92,11 @@ def _train(run_dir: Path, cfg: TrainConfig) -> str:
         atomic_write_text(config_file, json.dumps(cfg.to_dict()))
         args = ["train", "--config", str(config_file)]
     _cli(run_dir, [*args, "--no_progress"], "training")
+    if not _finished(run_dir, cfg):
+        # `train` stopped by SIGINT/SIGTERM checkpoints and exits 0; without this the final checkpoint's
+        # evaluation would fail with a missing-checkpoint error that hides why.
+        raise RuntimeError(f"training {run_dir} stopped before episode {cfg.num_episodes} (a signal sent to it): "
+                           "run the experiment again to resume it")
     return "resumed" if resume else "trained"
 
 

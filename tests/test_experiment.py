@@ -107,3 +107,24 @@ def test_the_kept_experiment_is_finished_from_its_metrics_and_reports(tmp_path):
     assert pair["power"]["minimum_detectable_effect"] > 0.01 and pair["power"]["articles"] == 13
     lo, hi = pair["oracle_fraction"]["ci"]
     assert lo < pair["oracle_fraction"]["mean"] < hi and "paired by unit" in pair["oracle_fraction"]["rests_on"]
+
+
+def test_a_run_stopped_by_a_signal_is_reported_as_stopped_not_evaluated(tmp_path, monkeypatch):
+    """`train` sent SIGTERM checkpoints and exits 0: the experiment must say the run stopped and how to resume,
+    not go on to evaluate a final checkpoint that was never written."""
+    from attnrl_core import experiment
+
+    spec = {"base": TINY, "arms": {"spec": {}}, "seeds": [0]}
+    run_dir = tmp_path / "spec-s0"
+    cfg = experiment.run_config(spec, "spec", 0, run_dir)
+
+    def stopped_after_two_episodes(run_dir, args, doing):  # what a SIGTERMed `train` leaves behind
+        (run_dir / "checkpoints" / "episode-2").mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"episode": e}) + "\n" for e in (1, 2)))
+
+    monkeypatch.setattr(experiment, "_cli", stopped_after_two_episodes)
+    with pytest.raises(RuntimeError, match="stopped before episode 4.*run the experiment again"):
+        experiment._train(run_dir, cfg)
+    monkeypatch.setattr(experiment, "_cli", lambda *a: None)  # resumed from episode-2, and again stopped at once
+    with pytest.raises(RuntimeError, match="stopped before episode 4"):
+        experiment._train(run_dir, cfg)
