@@ -2,7 +2,11 @@
 entropy, per-step oracle fraction (of the reward, and of the objective's own target), choice KL and reward over
 its first 20 episodes against its last 20 (halves when shorter), with a Welch t 95% interval over episodes of
 last - first; the hindsight NLL too where it was logged (issue 39), and the last window's oracle fraction with its t
-95% interval over episodes (the overfit check's criterion: above 0 over the last 20 episodes).
+95% interval over episodes (the overfit check's criterion: above 0 over the last 20 episodes); the batch reward's two parts
+(adapter: policy - base after the policy's query; query: base after the policy's query - after the counterfactual),
+the trajectories the filter selected and the optimizer steps. With several runs (seeds on different articles, so
+no shared units), their last-20 oracle fractions pooled: a t over all those episodes, which treats them as
+independent (so if anything too narrow), with the smallest effect it detects at 80% power.
 Usage: python research/choice_halves.py RUN_DIR [RUN_DIR ...]"""
 import json
 import sys
@@ -24,13 +28,14 @@ def welch(first: np.ndarray, last: np.ndarray) -> str:
 
 
 def main(paths: list[str]) -> None:
+    pooled = []
     for path in paths:
         rows = [json.loads(line) for line in (Path(path) / "metrics.jsonl").read_text().splitlines()]
         n = len(rows)
         half = min(20, n // 2)
         print(f"{path} ({n} episodes; first {half} vs last {min(20, n - half)})")
         for key in ("selection_entropy", "oracle_fraction", "target_oracle_fraction", "choice_kl", "hindsight_nll",
-                    "hindsight_nll_last", "reward"):
+                    "hindsight_nll_last", "reward", "adapter_reward", "query_reward", "selected", "optimizer_steps"):
             v = np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
             if all(r.get(key) is None for r in rows):  # runs before target_oracle_fraction was logged
                 continue
@@ -38,7 +43,22 @@ def main(paths: list[str]) -> None:
         last = t_interval([r.get("oracle_fraction") for r in rows[max(half, n - 20):]])
         if last["ci"] is not None:
             lo, hi = last["ci"]
-            print(f"  oracle_fraction over the last {last['n']}: {last['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+            print(f"  oracle_fraction over the last {last['n']}: {last['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}], "
+                  f"detectable at 80% power {detectable(last):+.3f}; "
+                  f"episodes the filter selected none: first {sum(r['selected'] == 0 for r in rows[:half])}, "
+                  f"last {sum(r['selected'] == 0 for r in rows[max(half, n - 20):])}")
+            pooled += last["values"]
+    if len(paths) > 1:
+        both = t_interval(pooled)
+        lo, hi = both["ci"]
+        print(f"pooled last-20 oracle_fraction of the {len(paths)} runs ({both['n']} episodes): {both['mean']:+.3f} "
+              f"[{lo:+.3f}, {hi:+.3f}], SD {both['sd']:.3f}, detectable at 80% power {detectable(both):+.3f}")
+
+
+def detectable(interval: dict) -> float:
+    """(t_{0.975, n-1} + t_{0.8, n-1}) * SE of a `t_interval`: the smallest mean it detects at 80% power."""
+    n = interval["n"]
+    return float((stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1)) * interval["sd"] / np.sqrt(n))
 
 
 if __name__ == "__main__":
