@@ -8,14 +8,15 @@ the trajectories the filter selected and the optimizer steps. With several runs 
 no shared units), their last-20 oracle fractions pooled: a t over all those episodes, which treats them as
 independent (so if anything too narrow), with the smallest effect it detects at 80% power.
 Usage: python research/choice_halves.py RUN_DIR [RUN_DIR ...]"""
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 from scipy import stats
 
+from attnrl_core.diagnostics import power_analysis
 from attnrl_core.experiment import t_interval
+from attnrl_core.files import read_jsonl
 
 
 def welch(first: np.ndarray, last: np.ndarray) -> str:
@@ -27,16 +28,21 @@ def welch(first: np.ndarray, last: np.ndarray) -> str:
     return f"{a.mean():.3f} -> {b.mean():.3f}, last - first {d:+.3f} [{d - h:+.3f}, {d + h:+.3f}]"
 
 
+def series(rows: list[dict], key: str) -> np.ndarray:
+    """One metric over a run's episodes, NaN where it was not logged."""
+    return np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
+
+
 def main(paths: list[str]) -> None:
     pooled = []
     for path in paths:
-        rows = [json.loads(line) for line in (Path(path) / "metrics.jsonl").read_text().splitlines()]
+        rows = read_jsonl(Path(path) / "metrics.jsonl")
         n = len(rows)
         half = min(20, n // 2)
         print(f"{path} ({n} episodes; first {half} vs last {min(20, n - half)})")
         for key in ("selection_entropy", "oracle_fraction", "target_oracle_fraction", "choice_kl", "hindsight_nll",
                     "hindsight_nll_last", "reward", "adapter_reward", "query_reward", "selected", "optimizer_steps"):
-            v = np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
+            v = series(rows, key)
             if all(r.get(key) is None for r in rows):  # runs before target_oracle_fraction was logged
                 continue
             print(f"  {key:22s} {welch(v[:half], v[max(half, n - 20):])}")
@@ -56,9 +62,9 @@ def main(paths: list[str]) -> None:
 
 
 def detectable(interval: dict) -> float:
-    """(t_{0.975, n-1} + t_{0.8, n-1}) * SE of a `t_interval`: the smallest mean it detects at 80% power."""
+    """The smallest mean a `t_interval` over n episodes detects at 80% power (`power_analysis`, n - 1 df)."""
     n = interval["n"]
-    return float((stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1)) * interval["sd"] / np.sqrt(n))
+    return power_analysis({"se": interval["sd"] / np.sqrt(n), "df": n - 1, "articles": n})["minimum_detectable_effect"]
 
 
 if __name__ == "__main__":
